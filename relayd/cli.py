@@ -1,0 +1,105 @@
+"""The ``relayd`` command line: run, demo, check-config, hash-password."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+from pathlib import Path
+
+from relayd import __version__
+from relayd.config import Config, ConfigError, load_config
+from relayd.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``relayd`` console script."""
+    parser = argparse.ArgumentParser(prog="relayd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"relayd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser("run", help="run the relay with a configuration file")
+    p_run.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
+
+    p_check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    p_check.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
+
+    p_demo = sub.add_parser("demo", help="build a self-contained demo setup on loopback and run it")
+    p_demo.add_argument("--dir", type=Path, default=Path("demo"))
+    p_demo.add_argument("--port", type=int, default=2222, help="0 picks a free port (written to demo.json)")
+
+    sub.add_parser("hash-password", help="read a password on stdin (or prompt) and print its hash for the YAML file")
+
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.config)
+    if args.command == "run":
+        config = _load_or_exit(args.config)
+        configure_logging(config.logging.format, config.logging.level)
+        return _run(config)
+    if args.command == "demo":
+        return _demo(args.dir, args.port)
+    if args.command == "hash-password":
+        return _hash_password()
+    return 2
+
+
+def _load_or_exit(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"relayd: invalid configuration\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _check_config(path: Path) -> int:
+    config = _load_or_exit(path)
+    try:
+        from relayd.inbound.server import resolve_auth
+
+        resolve_auth(config)
+    except ConfigError as exc:
+        print(f"relayd: invalid configuration\n{path}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: OK ({len(config.accounts)} account(s), {len(config.communes)} commune(s))")
+    return 0
+
+
+def _run(config: Config, on_ready=None) -> int:
+    from relayd import daemon
+
+    try:
+        asyncio.run(daemon.run(config, on_ready=on_ready))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _demo(folder: Path, port: int) -> int:
+    from relayd.demo import build_demo, write_demo_json
+
+    info = build_demo(folder, port=port)
+    config = _load_or_exit(Path(info["config"]))
+    configure_logging(config.logging.format, config.logging.level)
+
+    async def ready(server) -> None:
+        path = write_demo_json(folder, info, server.port)
+        print(f"relayd demo listening on 127.0.0.1:{server.port}; details in {path}", file=sys.stderr, flush=True)
+
+    return _run(config, on_ready=ready)
+
+
+def _hash_password() -> int:
+    from relayd.inbound.passwords import hash_password
+
+    password = getpass.getpass("Password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("relayd: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The composition root: build the parts from the configuration, wire them, run, stop.
+
+Nothing else lives here. Each part's behaviour belongs to its own module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+
+from relayd.config import Config
+from relayd.fsutil import ensure_dir
+from relayd.inbound.intake import Intake
+from relayd.inbound.server import InboundServer, ServerState, load_host_keys, resolve_auth
+from relayd.ledger import Ledger
+
+log = structlog.get_logger("relayd.daemon")
+
+
+def prepare_storage(config: Config) -> None:
+    """Create the storage folders, and remove partial uploads that a previous run left behind."""
+    for folder in (config.storage.root, config.storage.staging, config.storage.quarantine, config.storage.archive):
+        ensure_dir(folder)
+    for account in config.accounts:
+        drop = ensure_dir(config.drop_dir(account))
+        # No session is open before the server starts, so whatever sits here was never committed.
+        for leftover in drop.iterdir():
+            if leftover.is_file() or leftover.is_symlink():
+                log.warning("startup.partial_removed", account=account.username, upload=leftover.name,
+                            size=leftover.lstat().st_size)
+                leftover.unlink()
+    for commune in config.communes:
+        ensure_dir(commune.inbox, 0o755)
+
+
+async def run(config: Config, *, on_ready: Callable[[InboundServer], Awaitable[None]] | None = None) -> None:
+    """Run relayd until SIGTERM or SIGINT."""
+    prepare_storage(config)
+    ledger = Ledger(config.storage.ledger)
+    intake = Intake(config, ledger)
+    recovered = await asyncio.to_thread(intake.recover)
+    if recovered:
+        log.info("startup.recovered", packages=len(recovered))
+    state = ServerState(config=config, intake=intake, auth=resolve_auth(config))
+    server = InboundServer(state, load_host_keys(config.server.host_keys))
+    await server.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        await on_ready(server)
+    log.info("relayd.ready", port=server.port, communes=[c.insee for c in config.communes])
+    try:
+        await stop.wait()
+    finally:
+        log.info("relayd.stopping")
+        await server.close()
+        ledger.close()
+        log.info("relayd.stopped")
+
+
+def default_config_path() -> Path:
+    """Where ``relayd run`` looks when no ``-c`` is given."""
+    return Path("/etc/relayd/relayd.yaml")

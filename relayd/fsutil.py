@@ -1,0 +1,107 @@
+"""Durable, atomic file operations: what "handed over" and "archived" mean on disk.
+
+A reader of a destination folder never sees a half-written file or folder: everything is
+written under a dot-prefixed temporary name in the destination itself, fsynced, renamed
+into place, and the folder is fsynced. This works across mounts (copy, then rename inside
+the destination), so staging, archive and inboxes may live on different file systems.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+TEMP_PREFIX = ".relayd-"
+
+
+def temp_name(final_name: str) -> str:
+    """A hidden temporary name beside ``final_name``; business software must ignore dotfiles."""
+    return f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{final_name}.tmp"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a creation inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resolve_gid(group: str | None) -> int:
+    """The numeric id of ``group``, or -1 (leave unchanged) when none is configured."""
+    if group is None:
+        return -1
+    if group.isdigit():
+        return int(group)
+    return grp.getgrnam(group).gr_gid
+
+
+def apply_owner_mode(fd: int, mode: int, gid: int) -> None:
+    """Force mode and group on an open file: never what a client asked for."""
+    if gid != -1:
+        os.fchown(fd, -1, gid)
+    os.fchmod(fd, mode)
+
+
+def copy_durably(src: Path, dest: Path, *, mode: int = 0o600, gid: int = -1) -> None:
+    """Copy ``src`` to a new file ``dest`` (which must not exist), fsynced, with mode and group forced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(dest, flags, 0o600)
+    try:
+        with open(src, "rb") as fsrc, os.fdopen(fd, "wb", closefd=False) as fdst:
+            shutil.copyfileobj(fsrc, fdst, 1024 * 1024)
+            fdst.flush()
+        apply_owner_mode(fd, mode, gid)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_file(src: Path, dest: Path, *, mode: int = 0o600, gid: int = -1, move: bool = False) -> None:
+    """Make ``dest`` appear atomically with the content of ``src``.
+
+    With ``move``, ``src`` is renamed when it sits on the same file system (no copy) and
+    removed after a copy otherwise.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if move:
+        try:
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                apply_owner_mode(fd, mode, gid)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(src, dest)
+            fsync_dir(dest.parent)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+    tmp = dest.parent / temp_name(dest.name)
+    try:
+        copy_durably(src, tmp, mode=mode, gid=gid)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+    if move:
+        src.unlink()
+
+
+def publish_dir(tmp_dir: Path, dest: Path) -> None:
+    """Rename a fully written (and fsynced) folder into place, then make that durable."""
+    os.rename(tmp_dir, dest)
+    fsync_dir(dest.parent)
+
+
+def ensure_dir(path: Path, mode: int = 0o700) -> Path:
+    """Create a folder (and parents) if needed; return it."""
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    return path

@@ -1,0 +1,442 @@
+"""The inbound SFTP server: who may log in, what they may do, and when an upload is complete.
+
+The SFTP surface is deliberately small (contract 7). An account sees only its drop
+folder, as ``/``. It may write package files (``*.zip``) or temporary files
+(``*.tmp``, ``*.part``...), rename a temporary file to a package name, list the folder
+and remove its own files. Nothing else: no reads, no sub-folders, no links, no setstat.
+Modes are forced, whatever the client asks.
+
+Completion (contract 1): a package is committed by
+
+* a rename from a temporary name to a package name, or
+* an explicit close of a handle written under a package name.
+
+A close that asyncssh issues because the session dropped is never a commit: the file is
+a partial and is removed. Intake runs before the rename or close is answered, so the
+client learns the outcome on that very request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+import structlog
+from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_TRUNC, FXF_WRITE
+
+from relayd.config import Config
+from relayd.inbound.intake import Intake, Outcome, Upload
+from relayd.inbound.passwords import hash_password, verify_password
+from relayd.rejections import Reason, Rejection
+
+log = structlog.get_logger("relayd.sftp")
+
+#: AES-GCM first: it is the fastest on CPUs with AES-NI (see design.md's figures).
+CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+)
+
+_GENERIC_DENIED = "permission denied"
+# Compared against when the username is unknown, so that timing does not reveal which names exist.
+_DUMMY_HASH = hash_password("relayd-dummy-password")
+
+
+@dataclass
+class AccountAuth:
+    """What authentication needs of one account, resolved once per configuration load."""
+
+    password_hash: str | None
+    authorized_keys: asyncssh.SSHAuthorizedKeys | None
+
+
+def resolve_auth(config: Config) -> dict[str, AccountAuth]:
+    """Read every account's password hash and public keys (files and credentials included)."""
+    out: dict[str, AccountAuth] = {}
+    for account in config.accounts:
+        keys = account.public_keys()
+        out[account.username] = AccountAuth(
+            password_hash=account.resolved_password_hash(),
+            authorized_keys=asyncssh.import_authorized_keys("\n".join(keys)) if keys else None,
+        )
+    return out
+
+
+@dataclass
+class ServerState:
+    """What the running server shares between connections; replaced parts on reload."""
+
+    config: Config
+    intake: Intake
+    auth: dict[str, AccountAuth]
+    connections: int = 0
+    on_event: Callable[[str, dict], None] | None = None
+    active_uploads: set["_Handle"] = field(default_factory=set)
+
+
+class _Handle:
+    """An open upload: the descriptor and what the session wrote through it."""
+
+    __slots__ = ("fd", "local", "name", "written", "oversize")
+
+    def __init__(self, fd: int, local: Path, name: str):
+        self.fd = fd
+        self.local = local
+        self.name = name
+        self.written = 0
+        self.oversize = False
+
+
+class RelaySSHServer(asyncssh.SSHServer):
+    """One SSH connection: authentication, the connection limit, and the peer for logs."""
+
+    def __init__(self, state: ServerState):
+        self._state = state
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._counted = False
+        self.peer = "?"
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        peer = conn.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._state.connections += 1
+        self._counted = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._state.connections -= 1
+            self._counted = False
+
+    def begin_auth(self, username: str) -> bool:
+        if self._state.connections > self._state.config.limits.max_sessions:
+            log.warning("sftp.too_many_sessions", peer=self.peer, account=username)
+            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
+        auth = self._state.auth.get(username)
+        if auth is not None and auth.authorized_keys is not None and self._conn is not None:
+            self._conn.set_authorized_keys(auth.authorized_keys)
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        auth = self._state.auth.get(username)
+        encoded = auth.password_hash if auth and auth.password_hash else _DUMMY_HASH
+        ok = await asyncio.to_thread(verify_password, password, encoded)
+        ok = ok and auth is not None and auth.password_hash is not None
+        if ok:
+            log.info("sftp.login", account=username, peer=self.peer, method="password")
+        else:
+            log.warning("sftp.auth_failed", account=username, peer=self.peer, method="password")
+        return ok
+
+    def auth_completed(self) -> None:
+        if self._conn is not None:
+            log.info("sftp.authenticated", account=self._conn.get_extra_info("username"), peer=self.peer)
+
+
+class DropSFTPServer(asyncssh.SFTPServer):
+    """The SFTP surface of one session, chrooted on the account's drop folder."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel, state: ServerState):
+        self._state = state
+        self.account = chan.get_extra_info("username")
+        conn = chan.get_connection()
+        peer = conn.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        config = state.config
+        account = config.account(self.account)
+        if account is None:  # removed by a reload since login
+            raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+        self.root = config.drop_dir(account)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        super().__init__(chan, chroot=os.fsencode(self.root))
+        self._root_b = os.fsencode(os.path.realpath(self.root))
+        self._root_real = Path(os.fsdecode(self._root_b))
+        self._open: dict[int, _Handle] = {}
+        # Files this session created and has not committed: removed when it ends.
+        self._created: set[Path] = set()
+        # Outcomes of this session's commits, by name: the size written (accepted) or the refusal.
+        # Clients that stat after an upload (paramiko does) get an answer though the file moved on,
+        # and clients that ignore close errors (paramiko does) still learn why a package was refused.
+        self._outcomes: dict[str, int | str] = {}
+        self._session_bytes = 0
+        self.log = log.bind(account=self.account, peer=self.peer)
+
+    # -- paths -----------------------------------------------------------------------
+
+    def _local(self, path: bytes) -> Path:
+        """Map a client path to a file directly inside the drop folder, or refuse."""
+        local = self.map_path(path)
+        if posixpath.dirname(local) != self._root_b:
+            raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+        return Path(os.fsdecode(local))
+
+    def _is_package(self, name: str) -> bool:
+        return any(name.endswith(s) for s in self._state.config.server.package_suffixes) and not name.startswith(".")
+
+    def _is_temporary(self, name: str) -> bool:
+        return any(name.endswith(s) for s in self._state.config.server.temporary_suffixes)
+
+    # -- files -----------------------------------------------------------------------
+
+    def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> _Handle:
+        if not pflags & FXF_WRITE:
+            self.log.info("sftp.denied", op="read", path=os.fsdecode(path))
+            raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+        local = self._local(path)
+        if not (self._is_package(local.name) or self._is_temporary(local.name)):
+            self.log.info("sftp.denied", op="open", path=local.name, why="not a package or temporary name")
+            raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+        flags = os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        flags |= os.O_CREAT if pflags & FXF_CREAT else 0
+        flags |= os.O_TRUNC if pflags & FXF_TRUNC else 0
+        flags |= os.O_EXCL if pflags & FXF_EXCL else 0
+        flags |= os.O_APPEND if pflags & FXF_APPEND else 0
+        try:
+            fd = os.open(local, flags, 0o600)  # the mode is ours, never the client's attrs
+        except OSError as exc:
+            self.log.info("sftp.open_failed", path=local.name, error=exc.strerror)
+            raise asyncssh.SFTPFailure("cannot open file") from None
+        os.fchmod(fd, 0o600)
+        handle = _Handle(fd, local, local.name)
+        self._open[id(handle)] = handle
+        self._created.add(local)
+        self._outcomes.pop(local.name, None)
+        self._state.active_uploads.add(handle)
+        return handle
+
+    def open56(self, path: bytes, desired_access: int, flags: int, attrs: asyncssh.SFTPAttrs) -> object:
+        raise asyncssh.SFTPOpUnsupported("SFTP version 3 only")
+
+    def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        handle = self._handle(file_obj)
+        limits = self._state.config.limits
+        if offset + len(data) > limits.max_package_bytes:
+            handle.oversize = True
+            raise asyncssh.SFTPFailure(
+                f"refused ({Reason.PACKAGE_TOO_LARGE.value}): {Reason.PACKAGE_TOO_LARGE.summary}"
+            )
+        if self._session_bytes + len(data) > limits.max_upload_bytes_per_session:
+            raise asyncssh.SFTPFailure("session upload limit reached")
+        written = os.pwrite(handle.fd, data, offset)
+        handle.written += written
+        self._session_bytes += written
+        return written
+
+    async def close(self, file_obj: object) -> None:
+        handle = self._handle(file_obj)
+        self._open.pop(id(handle), None)
+        self._state.active_uploads.discard(handle)
+        os.close(handle.fd)
+        if self.channel.is_closing():
+            # asyncssh closes every open handle when a session drops: that is no commit.
+            self._discard_partial(handle.local, "session ended before the upload was closed")
+            return
+        upload = Upload(self.account, self.peer, handle.name)
+        if handle.oversize:
+            self._created.discard(handle.local)
+            rejection = Rejection(Reason.PACKAGE_TOO_LARGE, "the upload outgrew the package size limit.")
+            outcome = await asyncio.to_thread(self._state.intake.quarantine_partial, handle.local, upload, rejection)
+            self._outcomes[upload.name] = outcome.client_message()
+            raise asyncssh.SFTPFailure(outcome.client_message())
+        if self._is_package(handle.name):
+            await self._commit(handle.local, upload)
+
+    def fsync(self, file_obj: object) -> None:
+        os.fsync(self._handle(file_obj).fd)
+
+    def fstat(self, file_obj: object) -> os.stat_result:
+        return os.fstat(self._handle(file_obj).fd)
+
+    def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
+        raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    # -- names -----------------------------------------------------------------------
+
+    async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._rename(oldpath, newpath)
+
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        # One rule for both renames: a rename to a package name commits.
+        await self._rename(oldpath, newpath)
+
+    async def _rename(self, oldpath: bytes, newpath: bytes) -> None:
+        old, new = self._local(oldpath), self._local(newpath)
+        self._require_regular(old)
+        if any(h.local == old for h in self._open.values()):
+            raise asyncssh.SFTPFailure("file is still open")
+        if self._is_package(new.name):
+            self._created.discard(old)
+            await self._commit(old, Upload(self.account, self.peer, new.name))
+            return
+        if not self._is_temporary(new.name):
+            raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+        os.replace(old, new)
+        if old in self._created:
+            self._created.discard(old)
+            self._created.add(new)
+
+    def remove(self, path: bytes) -> None:
+        local = self._local(path)
+        self._require_regular(local)
+        local.unlink()
+        self._created.discard(local)
+
+    def stat(self, path: bytes) -> os.stat_result | asyncssh.SFTPAttrs:
+        return self.lstat(path)
+
+    def lstat(self, path: bytes) -> os.stat_result | asyncssh.SFTPAttrs:
+        local = Path(os.fsdecode(self.map_path(path)))
+        outcome = self._outcomes.get(local.name) if local.parent == self._root_real else None
+        if outcome is not None and not local.exists():
+            if isinstance(outcome, str):
+                raise asyncssh.SFTPFailure(outcome)
+            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=outcome,
+                                      permissions=stat.S_IFREG | 0o600)
+        return os.lstat(local)
+
+    def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    def lsetstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    def rmdir(self, path: bytes) -> None:
+        raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    def readlink(self, path: bytes) -> bytes:
+        raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        self.log.warning("sftp.denied", op="symlink")
+        raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        self.log.warning("sftp.denied", op="link")
+        raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    def exit(self) -> None:
+        for leftover in list(self._created):
+            self._discard_partial(leftover, "session ended before the upload was committed")
+
+    # -- internals -------------------------------------------------------------------
+
+    def _handle(self, file_obj: object) -> _Handle:
+        if not isinstance(file_obj, _Handle):
+            raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+        return file_obj
+
+    def _require_regular(self, local: Path) -> None:
+        try:
+            st = os.lstat(local)
+        except FileNotFoundError:
+            raise asyncssh.SFTPNoSuchFile("no such file") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+
+    def _discard_partial(self, local: Path, why: str) -> None:
+        self._created.discard(local)
+        try:
+            size = local.stat().st_size
+            local.unlink()
+        except FileNotFoundError:
+            return
+        self.log.warning("sftp.partial_removed", upload=local.name, size=size, why=why)
+
+    async def _commit(self, local: Path, upload: Upload) -> None:
+        """Hand a committed file to intake and answer the client with the outcome."""
+        self._created.discard(local)
+        size = local.stat().st_size
+        intake = self._state.intake
+        self.log.info("sftp.committed", upload=upload.name, size=size)
+        staged = await asyncio.to_thread(intake.stage, local, upload)
+        outcome: Outcome = await asyncio.to_thread(intake.process, staged)
+        if self._state.on_event is not None:
+            self._state.on_event("package", {"status": outcome.status, "account": self.account})
+        if outcome.status in ("accepted", "duplicate"):
+            self._outcomes[upload.name] = size
+            return
+        self._outcomes[upload.name] = outcome.client_message()
+        raise asyncssh.SFTPFailure(outcome.client_message())
+
+
+class InboundServer:
+    """The listening SFTP server. ``start`` binds; ``close`` stops accepting."""
+
+    def __init__(self, state: ServerState, host_keys: list[asyncssh.SSHKey]):
+        self.state = state
+        self._host_keys = host_keys
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+
+    async def start(self, *, sock: object | None = None) -> None:
+        """Listen on the configured address (or on an inherited socket)."""
+        listen = self.state.config.server.listen
+        limits = self.state.config.limits
+        kwargs = dict(
+            server_factory=lambda: RelaySSHServer(self.state),
+            server_host_keys=self._host_keys,
+            sftp_factory=lambda chan: DropSFTPServer(chan, self.state),
+            sftp_version=3,
+            allow_scp=False,
+            encryption_algs=CIPHERS,
+            login_timeout=limits.login_timeout_seconds,
+            keepalive_interval=60,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_pty=False,
+        )
+        if sock is not None:
+            self._acceptor = await asyncssh.listen(sock=sock, **kwargs)
+        else:
+            self._acceptor = await asyncssh.listen(listen.host, listen.port, reuse_address=True, **kwargs)
+        log.info("sftp.listening", host=listen.host, port=self.port)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port 0)."""
+        assert self._acceptor is not None
+        return self._acceptor.get_port()
+
+    async def close(self) -> None:
+        """Stop accepting connections and close the listener."""
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+            self._acceptor = None
+
+
+def load_host_keys(paths: list[Path]) -> list[asyncssh.SSHKey]:
+    """Read the host keys, generating an Ed25519 key where a file is absent (first start)."""
+    keys = []
+    for path in paths:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            key = asyncssh.generate_private_key("ssh-ed25519")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(key.export_private_key())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+            path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+            log.info("sftp.host_key_generated", path=str(path), fingerprint=key.get_fingerprint())
+        keys.append(asyncssh.read_private_key(path))
+    return keys

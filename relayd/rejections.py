@@ -1,0 +1,103 @@
+"""Why a package is refused: one stable code for programs, one sentence for people.
+
+Every refusal in relayd goes through :class:`Rejection`. The code (a :class:`Reason`) is
+what the quarantine reason file, the log event and, later, the negative ack carry; the
+sentence is what a person reads. The codes are part of relayd's contract with integration
+testers: never rename one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Stable machine codes for a refused package."""
+
+    PACKAGE_TOO_LARGE = "package_too_large"
+    ZIP_INVALID = "zip_invalid"
+    ZIP_CRC_MISMATCH = "zip_crc_mismatch"
+    ZIP_PATH_TRAVERSAL = "zip_path_traversal"
+    ZIP_ABSOLUTE_PATH = "zip_absolute_path"
+    ZIP_SYMLINK = "zip_symlink"
+    ZIP_DUPLICATE_MEMBER = "zip_duplicate_member"
+    ZIP_TOO_MANY_MEMBERS = "zip_too_many_members"
+    ZIP_UNCOMPRESSED_TOO_LARGE = "zip_uncompressed_too_large"
+    ZIP_BOMB_RATIO = "zip_bomb_ratio"
+    ZIP_ENCRYPTED = "zip_encrypted"
+    ZIP_UNSUPPORTED = "zip_unsupported"
+    PJ_ZIP_UNSAFE = "pj_zip_unsafe"
+    ENVELOPE_MISSING = "envelope_missing"
+    XML_FORBIDDEN = "xml_forbidden"
+    XML_MALFORMED = "xml_malformed"
+    XML_TOO_LARGE = "xml_too_large"
+    ENVELOPE_WRONG_ROOT = "envelope_wrong_root"
+    ENVELOPE_INVALID = "envelope_invalid"
+    DOSSIER_NUMBER_INVALID = "dossier_number_invalid"
+    MEMBER_MISSING = "member_missing"
+    MEMBER_UNEXPECTED = "member_unexpected"
+    DEMARCHE_NOT_ACCEPTED = "demarche_not_accepted"
+    INSEE_UNKNOWN = "insee_unknown"
+    INSEE_NOT_ALLOWED = "insee_not_allowed"
+    DOSSIER_CONFLICT = "dossier_conflict"
+    UPLOAD_INCOMPLETE = "upload_incomplete"
+    INTERNAL_ERROR = "internal_error"
+
+    @property
+    def summary(self) -> str:
+        """The generic sentence for this code, used when no detail is known."""
+        return _SUMMARIES[self]
+
+
+_SUMMARIES: dict[Reason, str] = {
+    Reason.PACKAGE_TOO_LARGE: "The package is larger than this relay accepts.",
+    Reason.ZIP_INVALID: "The file is not a complete zip archive (truncated or not a zip).",
+    Reason.ZIP_CRC_MISMATCH: "A member of the zip does not match its checksum: the file is corrupt.",
+    Reason.ZIP_PATH_TRAVERSAL: "A member name climbs out of the archive with '..'.",
+    Reason.ZIP_ABSOLUTE_PATH: "A member name is an absolute path.",
+    Reason.ZIP_SYMLINK: "A member of the zip is a symbolic link.",
+    Reason.ZIP_DUPLICATE_MEMBER: "Two members of the zip have the same name.",
+    Reason.ZIP_TOO_MANY_MEMBERS: "The zip has more members than this relay accepts.",
+    Reason.ZIP_UNCOMPRESSED_TOO_LARGE: "The zip unpacks to more data than this relay accepts.",
+    Reason.ZIP_BOMB_RATIO: "A member compresses suspiciously well (a zip bomb).",
+    Reason.ZIP_ENCRYPTED: "A member of the zip is encrypted.",
+    Reason.ZIP_UNSUPPORTED: "A member of the zip uses a compression method this relay does not read.",
+    Reason.PJ_ZIP_UNSAFE: "The nested attachments zip is broken or unsafe.",
+    Reason.ENVELOPE_MISSING: "The package has no message.xml envelope.",
+    Reason.XML_FORBIDDEN: "An XML file declares a DOCTYPE or entities, which are refused.",
+    Reason.XML_MALFORMED: "An XML file is not well-formed.",
+    Reason.XML_TOO_LARGE: "An XML file is larger than this relay parses.",
+    Reason.ENVELOPE_WRONG_ROOT: "message.xml is not a PEC Message envelope.",
+    Reason.ENVELOPE_INVALID: "message.xml lacks a field the relay needs.",
+    Reason.DOSSIER_NUMBER_INVALID: "The dossier number is not of the form A-<digit>-<8 or 9 letters or digits>.",
+    Reason.MEMBER_MISSING: "A file that the envelope lists is not in the package.",
+    Reason.MEMBER_UNEXPECTED: "The package holds a file that the envelope does not list.",
+    Reason.DEMARCHE_NOT_ACCEPTED: "The commune does not accept this démarche.",
+    Reason.INSEE_UNKNOWN: "No commune with this INSEE code is configured on this relay.",
+    Reason.INSEE_NOT_ALLOWED: "This account may not deliver for the commune with this INSEE code.",
+    Reason.DOSSIER_CONFLICT: "This dossier or message was already received with different content.",
+    Reason.UPLOAD_INCOMPLETE: "The upload was cut off before it was committed.",
+    Reason.INTERNAL_ERROR: "relayd failed to process the package; it is kept for an operator.",
+}
+
+
+class Rejection(Exception):
+    """A package is refused: ``reason`` for programs, ``detail`` for people.
+
+    ``detail`` must never hold a secret (no password, no ``MotDePasse``).
+    """
+
+    def __init__(self, reason: Reason, detail: str | None = None, *, cause: Reason | None = None):
+        self.reason = reason
+        self.detail = detail or reason.summary
+        self.cause = cause
+        #: the parsed envelope, when the refusal came after it was read (to address a negative ack)
+        self.envelope: object | None = None
+        super().__init__(f"{reason.value}: {self.detail}")
+
+    def as_dict(self) -> dict[str, str]:
+        """The reason as the quarantine reason file and the log carry it."""
+        out = {"code": self.reason.value, "message": self.detail}
+        if self.cause is not None:
+            out["cause"] = self.cause.value
+        return out
