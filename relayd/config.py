@@ -226,8 +226,12 @@ def load_config(path: str | Path) -> Config:
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_url=False, include_input=False):
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"{path}: {where}: {err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:
+                lines.append(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {msg}")
+            else:
+                # Cross-checks of the whole file name their key path at the start of the message.
+                lines.append(f"{path}: {msg}")
         raise ConfigError("\n".join(lines)) from None
 
 

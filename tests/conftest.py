@@ -83,19 +83,23 @@ class Relay:
 
     def start(self, timeout: float = 30) -> None:
         """Start relayd and wait until it says it is ready."""
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relayd", "run", "-c", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-        )
+        ready_before = self._ready_count()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relayd", "run", "-c", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relayd exited with {self.proc.returncode}:\n{self.log_text()}")
-            if any(e.get("event") == "relayd.ready" for e in self.events()):
+            if self._ready_count() > ready_before:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"relayd did not get ready:\n{self.log_text()}")
+
+    def _ready_count(self) -> int:
+        return sum(e.get("event") == "relayd.ready" for e in self.events())
 
     def stop(self) -> None:
         """SIGTERM, and wait."""

@@ -245,7 +245,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
         self._open.pop(id(handle), None)
         self._state.active_uploads.discard(handle)
         os.close(handle.fd)
-        if self.channel.is_closing():
+        if _session_ending(self.channel):
             # asyncssh closes every open handle when a session drops: that is no commit.
             self._discard_partial(handle.local, "session ended before the upload was closed")
             return
@@ -378,6 +378,17 @@ class DropSFTPServer(asyncssh.SFTPServer):
             return
         self._outcomes[upload.name] = outcome.client_message()
         raise asyncssh.SFTPFailure(outcome.client_message())
+
+
+def _session_ending(chan: asyncssh.SSHServerChannel) -> bool:
+    """Whether the client has stopped sending: its connection dropped, or its side sent EOF.
+
+    A client's explicit close always arrives while its side is open (it waits for the
+    answer); the closes that asyncssh issues for a session that went away do not. A killed
+    OpenSSH ``sftp`` leaves its ``ssh`` child to send a clean EOF, so the send state alone
+    does not tell. asyncssh has no public accessor for the receive state.
+    """
+    return chan.is_closing() or getattr(chan, "_recv_state", "open") != "open"
 
 
 class InboundServer:

@@ -1,0 +1,108 @@
+"""Configuration: errors name the file and the key path; secrets are never in clear."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from relayd.config import ConfigError, load_config
+from relayd.inbound.passwords import hash_password, verify_password
+
+
+def _check(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relayd", "check-config", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _minimal(tmp_path: Path) -> dict:
+    return {
+        "storage": {"root": "var"},
+        "accounts": [{"username": "plateforme", "password_hash": hash_password("x"), "communes": ["90017"]}],
+        "communes": [{"insee": "90017", "name": "X", "inbox": "inbox", "demarches": ["ILE"]}],
+    }
+
+
+def test_example_config_is_valid():
+    result = _check(REPO / "config" / "relayd.example.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("edit", "key_path"),
+    [
+        (lambda c: c["communes"][0].update(insee="9001"), "communes.0.insee"),
+        (lambda c: c["communes"][0].update(delivery="tar"), "communes.0.delivery"),
+        (lambda c: c["accounts"][0].update(password="hunter2"), "accounts.0.password"),
+        (lambda c: c["accounts"][0].update(password_hash="hunter2"), "accounts.0.password_hash"),
+        (lambda c: c.setdefault("limits", {}).update(max_members=-1), "limits.max_members"),
+        (lambda c: c["accounts"][0].update(authorized_keys=["ssh-ed25519 garbage"]), "accounts.0.authorized_keys"),
+        (lambda c: c.setdefault("server", {}).setdefault("listen", {}).update(port=70000), "server.listen.port"),
+        (lambda c: c["accounts"][0].update(communes=["75056"]), "accounts"),
+    ],
+)
+def test_check_config_names_the_key_path(tmp_path, edit, key_path):
+    config = _minimal(tmp_path)
+    edit(config)
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _check(path)
+    assert result.returncode == 2
+    assert f"{path}: {key_path}" in result.stderr
+    assert "hunter2" not in result.stderr  # a mistaken clear password is not echoed back
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("storage: [unclosed\n")
+    result = _check(path)
+    assert result.returncode == 2 and str(path) in result.stderr
+
+
+def test_relative_paths_follow_the_config_file(tmp_path):
+    path = tmp_path / "etc" / "relayd.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(_minimal(tmp_path)))
+    config = load_config(path)
+    assert config.storage.root == tmp_path / "etc" / "var"
+    assert config.communes[0].inbox == tmp_path / "etc" / "inbox"
+
+
+def test_password_file_and_systemd_credential(tmp_path, monkeypatch):
+    config = _minimal(tmp_path)
+    del config["accounts"][0]["password_hash"]
+    config["accounts"][0]["password_credential"] = "plateforme-password"
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "plateforme-password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    account = load_config(path).accounts[0]
+    assert verify_password("s3cret", account.resolved_password_hash())
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
+        account.resolved_password_hash()
+
+
+def test_run_refuses_a_broken_config(tmp_path):
+    path = tmp_path / "relayd.yaml"
+    path.write_text("accounts: []\n")
+    result = subprocess.run([sys.executable, "-m", "relayd", "run", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "storage" in result.stderr and "accounts" in result.stderr
+
+
+def test_hash_password_command():
+    result = subprocess.run([sys.executable, "-m", "relayd", "hash-password"], input="pa55word\n",
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    encoded = result.stdout.strip()
+    assert "pa55word" not in encoded
+    assert verify_password("pa55word", encoded) and not verify_password("other", encoded)
