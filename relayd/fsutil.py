@@ -53,13 +53,55 @@ def copy_durably(src: Path, dest: Path, *, mode: int = 0o600, gid: int = -1) -> 
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(dest, flags, 0o600)
     try:
-        with open(src, "rb") as fsrc, os.fdopen(fd, "wb", closefd=False) as fdst:
-            shutil.copyfileobj(fsrc, fdst, 1024 * 1024)
-            fdst.flush()
+        with open(src, "rb") as fsrc:
+            _copy_fd(fsrc.fileno(), fd)
         apply_owner_mode(fd, mode, gid)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    """Copy a whole file between descriptors, in the kernel where it can (no trip through Python)."""
+    remaining = os.fstat(src).st_size
+    try:
+        while remaining > 0:
+            done = os.copy_file_range(src, dst, min(remaining, 1 << 30))
+            if done == 0:
+                break
+            remaining -= done
+        if remaining == 0:
+            return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    # A file system without copy_file_range: fall back to plain reads and writes from where it stopped.
+    offset = os.lseek(dst, 0, os.SEEK_CUR)
+    os.lseek(src, offset, os.SEEK_SET)
+    with os.fdopen(os.dup(src), "rb") as fsrc, os.fdopen(os.dup(dst), "wb") as fdst:
+        shutil.copyfileobj(fsrc, fdst, 1024 * 1024)
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Make ``dest`` durably hold ``src``'s content: a hard link on the same file system, else a copy.
+
+    A hard link costs nothing however large the file; it shares the inode, so it suits a
+    copy that is only ever read or deleted (the archive of a package).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / temp_name(dest.name)
+    try:
+        os.link(src, tmp)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        copy_durably(src, tmp)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
 
 
 def publish_file(src: Path, dest: Path, *, mode: int = 0o600, gid: int = -1, move: bool = False) -> None:

@@ -32,17 +32,19 @@ def inbox_name(package: Package, commune: Commune) -> str:
     return f"{base}.zip" if commune.delivery == "zip" else base
 
 
-def hand_over(package: Package, source: Path, commune: Commune, *, received_at: str) -> Path:
+def hand_over(package: Package, source: Path, commune: Commune, *, received_at: str, consume: bool = False) -> Path:
     """Deliver ``source`` (the verified package file) into the commune's inbox; return the final path.
 
-    ``source`` is left in place. If the final name already exists (a crash after the
-    hand-over but before the ledger was written), it is replaced by identical content.
+    With ``consume``, a zip delivery moves ``source`` (a rename, no copy, on one file
+    system); otherwise ``source`` is left in place. If the final name already exists (a
+    crash after the hand-over but before the ledger was written), it is replaced by
+    identical content.
     """
     commune.inbox.mkdir(parents=True, exist_ok=True)
     final = commune.inbox / inbox_name(package, commune)
     gid = resolve_gid(commune.group)
     if commune.delivery == "zip":
-        publish_file(source, final, mode=commune.mode, gid=gid)
+        publish_file(source, final, mode=commune.mode, gid=gid, move=consume)
     else:
         _hand_over_extracted(package, source, final, commune.mode, gid, received_at)
     return final

@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 import structlog
 
 from relayd.config import Config
-from relayd.fsutil import ensure_dir, fsync_dir, publish_file
+from relayd.fsutil import ensure_dir, fsync_dir, link_or_copy, publish_file
 from relayd.inbound.handoff import hand_over
 from relayd.ledger import DuplicatePackage, Ledger, PackageRecord, utcnow
 from relayd.pec.envelope import Message
@@ -168,11 +168,17 @@ class Intake:
         commune = self.config.commune(package.insee)
         assert commune is not None  # _route checked it
         received_at = utcnow()
-        # Hand over first, archive second: until the archive holds it, staging does, so a crash
-        # at any point leaves a staged file that recovery finishes.
-        final = hand_over(package, staged, commune, received_at=received_at)
         archived = self._archive_path(package)
-        publish_file(staged, archived, mode=0o600, move=True)
+        # Until both the inbox and the archive hold the package, staging does too, so a crash at
+        # any point leaves a staged file that recovery finishes.
+        if commune.delivery == "zip":
+            # The archive first: once in the inbox, the file is the business software's to delete.
+            # A hard link costs nothing, which keeps a 200 MB hand-over as fast as the upload.
+            link_or_copy(staged, archived)
+            final = hand_over(package, staged, commune, received_at=received_at, consume=True)
+        else:
+            final = hand_over(package, staged, commune, received_at=received_at)
+            publish_file(staged, archived, mode=0o600, move=True)
         try:
             self.ledger.record_accepted(
                 record,

@@ -47,6 +47,7 @@ CIPHERS = (
 )
 
 _GENERIC_DENIED = "permission denied"
+_SYNC_EVERY = 32 * 1024 * 1024
 # Compared against when the username is unknown, so that timing does not reveal which names exist.
 _DUMMY_HASH = hash_password("relayd-dummy-password")
 
@@ -86,7 +87,7 @@ class ServerState:
 class _Handle:
     """An open upload: the descriptor and what the session wrote through it."""
 
-    __slots__ = ("fd", "local", "name", "written", "oversize")
+    __slots__ = ("fd", "local", "name", "written", "oversize", "synced", "syncing")
 
     def __init__(self, fd: int, local: Path, name: str):
         self.fd = fd
@@ -94,6 +95,8 @@ class _Handle:
         self.name = name
         self.written = 0
         self.oversize = False
+        self.synced = 0
+        self.syncing: asyncio.Future[None] | None = None
 
 
 class RelaySSHServer(asyncssh.SSHServer):
@@ -238,12 +241,20 @@ class DropSFTPServer(asyncssh.SFTPServer):
         written = os.pwrite(handle.fd, data, offset)
         handle.written += written
         self._session_bytes += written
+        if handle.written - handle.synced >= _SYNC_EVERY and handle.syncing is None:
+            # Flush to disk while the upload goes on, off the loop, so that the fsync the
+            # hand-over owes costs little once the last byte is in.
+            handle.synced = handle.written
+            handle.syncing = asyncio.get_running_loop().run_in_executor(None, os.fdatasync, handle.fd)
+            handle.syncing.add_done_callback(lambda _f, h=handle: setattr(h, "syncing", None))
         return written
 
     async def close(self, file_obj: object) -> None:
         handle = self._handle(file_obj)
         self._open.pop(id(handle), None)
         self._state.active_uploads.discard(handle)
+        if handle.syncing is not None:
+            await asyncio.shield(handle.syncing)  # never close a descriptor that a flush still uses
         os.close(handle.fd)
         if _session_ending(self.channel):
             # asyncssh closes every open handle when a session drops: that is no commit.
