@@ -41,7 +41,6 @@ class Limits(PackageLimits):
     max_sessions: int = Field(default=32, gt=0, description="concurrent SSH connections, all accounts")
     max_upload_bytes_per_session: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
     login_timeout_seconds: float = Field(default=30.0, gt=0)
-    idle_timeout_seconds: float = Field(default=600.0, gt=0)
 
 
 class Account(_Strict):

@@ -15,6 +15,7 @@ class Reason(StrEnum):
     """Stable machine codes for a refused package."""
 
     PACKAGE_TOO_LARGE = "package_too_large"
+    SESSION_UPLOAD_LIMIT = "session_upload_limit"
     ZIP_INVALID = "zip_invalid"
     ZIP_CRC_MISMATCH = "zip_crc_mismatch"
     ZIP_PATH_TRAVERSAL = "zip_path_traversal"
@@ -51,6 +52,7 @@ class Reason(StrEnum):
 
 _SUMMARIES: dict[Reason, str] = {
     Reason.PACKAGE_TOO_LARGE: "The package is larger than this relay accepts.",
+    Reason.SESSION_UPLOAD_LIMIT: "This session has uploaded more than this relay accepts in one session.",
     Reason.ZIP_INVALID: "The file is not a complete zip archive (truncated or not a zip).",
     Reason.ZIP_CRC_MISMATCH: "A member of the zip does not match its checksum: the file is corrupt.",
     Reason.ZIP_PATH_TRAVERSAL: "A member name climbs out of the archive with '..'.",

@@ -87,14 +87,15 @@ class ServerState:
 class _Handle:
     """An open upload: the descriptor and what the session wrote through it."""
 
-    __slots__ = ("fd", "local", "name", "written", "oversize", "synced", "syncing")
+    __slots__ = ("fd", "local", "name", "written", "refusal", "synced", "syncing")
 
     def __init__(self, fd: int, local: Path, name: str):
         self.fd = fd
         self.local = local
         self.name = name
         self.written = 0
-        self.oversize = False
+        #: set when a write was refused: the close then quarantines what arrived, never commits it
+        self.refusal: Rejection | None = None
         self.synced = 0
         self.syncing: asyncio.Future[None] | None = None
 
@@ -232,12 +233,11 @@ class DropSFTPServer(asyncssh.SFTPServer):
         handle = self._handle(file_obj)
         limits = self._state.config.limits
         if offset + len(data) > limits.max_package_bytes:
-            handle.oversize = True
-            raise asyncssh.SFTPFailure(
-                f"refused ({Reason.PACKAGE_TOO_LARGE.value}): {Reason.PACKAGE_TOO_LARGE.summary}"
-            )
-        if self._session_bytes + len(data) > limits.max_upload_bytes_per_session:
-            raise asyncssh.SFTPFailure("session upload limit reached")
+            handle.refusal = Rejection(Reason.PACKAGE_TOO_LARGE, "the upload outgrew the package size limit.")
+        elif self._session_bytes + len(data) > limits.max_upload_bytes_per_session:
+            handle.refusal = Rejection(Reason.SESSION_UPLOAD_LIMIT, "the session outgrew its upload limit.")
+        if handle.refusal is not None:
+            raise asyncssh.SFTPFailure(f"refused ({handle.refusal.reason.value}): {handle.refusal.reason.summary}")
         written = os.pwrite(handle.fd, data, offset)
         handle.written += written
         self._session_bytes += written
@@ -261,10 +261,10 @@ class DropSFTPServer(asyncssh.SFTPServer):
             self._discard_partial(handle.local, "session ended before the upload was closed")
             return
         upload = Upload(self.account, self.peer, handle.name)
-        if handle.oversize:
+        if handle.refusal is not None:
             self._created.discard(handle.local)
-            rejection = Rejection(Reason.PACKAGE_TOO_LARGE, "the upload outgrew the package size limit.")
-            outcome = await asyncio.to_thread(self._state.intake.quarantine_partial, handle.local, upload, rejection)
+            intake = self._state.intake
+            outcome = await asyncio.to_thread(intake.quarantine_partial, handle.local, upload, handle.refusal)
             self._outcomes[upload.name] = outcome.client_message()
             raise asyncssh.SFTPFailure(outcome.client_message())
         if self._is_package(handle.name):
@@ -422,7 +422,7 @@ class InboundServer:
             allow_scp=False,
             encryption_algs=CIPHERS,
             login_timeout=limits.login_timeout_seconds,
-            keepalive_interval=60,
+            keepalive_interval=30,  # with asyncssh's 3 missed replies: a dead peer is dropped in ~90 s
             agent_forwarding=False,
             x11_forwarding=False,
             allow_pty=False,
