@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from lxml import etree
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_xml import BaseXmlModel, element
 
 from relayd.pec.xml import local_name
@@ -57,6 +57,14 @@ class Routing(_Pec, tag="Routing"):
     ack_required: bool = element(tag="AckRequired", default=False)
     ack_types: list[str] = element(tag="AckType", default_factory=list)
     ack_to: Party | None = element(tag="AckTo", default=None)
+
+    @field_validator("ack_required", mode="before")
+    @classmethod
+    def _tolerant_bool(cls, value: object) -> object:
+        # The platform's XML may pad or leave empty; an empty flag means "no".
+        if isinstance(value, str):
+            return value.strip() or False
+        return value
 
 
 class EmailConfiguration(_Pec, tag="EmailConfiguration"):

@@ -14,6 +14,9 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
+
+from lxml import etree
 
 from relayd.pec.envelope import Message, read_envelope
 from relayd.pec.xml import parse_xml
@@ -74,8 +77,9 @@ def inspect_package(path: Path, limits: PackageLimits) -> Package:
     """Verify the package at ``path`` and return what it holds.
 
     Order matters only for which reason is reported first: size, central directory,
-    every member's CRC (nested zips included), then the XML and the envelope, then the
-    member list against the envelope. Raises :class:`Rejection`.
+    the envelope, then every other member's CRC and XML (nested zips included), then the
+    member list against the envelope. Raises :class:`Rejection`; a refusal that comes
+    after the envelope was read carries it in ``Rejection.envelope``.
     """
     size = path.stat().st_size
     if size > limits.max_package_bytes:
@@ -86,71 +90,100 @@ def inspect_package(path: Path, limits: PackageLimits) -> Package:
         whole = pool.submit(file_sha256, path)
         with open_zip(path) as zf:
             infos = check_directory(zf, limits)
-            members, xml_bytes, nested = _read_members(zf, infos, limits)
+            envelope = next((i for i in infos if i.filename == ENVELOPE_NAME), None)
+            if envelope is None:
+                raise Rejection(Reason.ENVELOPE_MISSING)
+            reader = _MemberReader(zf, limits, infos)
+            message = read_envelope(reader.read_xml(envelope))
+            try:
+                members = [reader.read(info) for info in infos]
+                _check_member_list(message, [m.name for m in members])
+            except Rejection as exc:
+                exc.envelope = message
+                raise
         sha256 = whole.result()
-    envelope_xml = xml_bytes.pop(ENVELOPE_NAME, None)
-    if envelope_xml is None:
-        raise Rejection(Reason.ENVELOPE_MISSING)
-    message = read_envelope(parse_xml(envelope_xml, name=ENVELOPE_NAME, max_bytes=limits.max_xml_bytes))
-    try:
-        # Every XML member goes to the business software: none may carry a DOCTYPE either.
-        for name, data in xml_bytes.items():
-            parse_xml(data, name=name, max_bytes=limits.max_xml_bytes)
-        _check_member_list(message, [m.name for m in members])
-    except Rejection as exc:
-        exc.envelope = message
-        raise
-    return Package(path=path, size=size, sha256=sha256, message=message, members=members, nested=nested)
+    return Package(path=path, size=size, sha256=sha256, message=message, members=members, nested=reader.nested)
 
 
-def _read_members(
-    zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: PackageLimits
-) -> tuple[list[MemberInfo], dict[str, bytes], dict[str, list[MemberInfo]]]:
-    """Stream every member once: CRC, digest, XML kept for parsing, nested zips inspected."""
-    members: list[MemberInfo] = []
-    xml_bytes: dict[str, bytes] = {}
-    nested: dict[str, list[MemberInfo]] = {}
-    for info in infos:
-        if info.is_dir():
-            members.append(MemberInfo(info.filename, 0, ""))
-            continue
+class _MemberReader:
+    """Streams each member once (CRC and digest), parses XML members, inspects nested zips.
+
+    Nested zips count against the package's member and size budgets, so that a small upload
+    cannot make relayd inflate without bound through many nested archives.
+    """
+
+    def __init__(self, zf: zipfile.ZipFile, limits: PackageLimits, infos: list[zipfile.ZipInfo]):
+        self.zf = zf
+        self.limits = limits
+        self.nested: dict[str, list[MemberInfo]] = {}
+        self.members_left = limits.max_members - len(infos)
+        self.bytes_left = limits.max_total_uncompressed_bytes - sum(i.file_size for i in infos)
+        self._done: dict[str, MemberInfo] = {}
+
+    def read_xml(self, info: zipfile.ZipInfo) -> etree._Element:
+        """Read, digest and parse one XML member; only the parsed tree is kept."""
+        if info.file_size > self.limits.max_xml_bytes:
+            raise Rejection(
+                Reason.XML_TOO_LARGE, f"{info.filename} is {info.file_size} bytes; the limit is {self.limits.max_xml_bytes}."
+            )
         digest = hashlib.sha256()
+        buf = bytearray()
+        stream_member(self.zf, info, lambda c: (digest.update(c), buf.extend(c)))
+        self._done[info.filename] = MemberInfo(info.filename, info.file_size, digest.hexdigest())
+        # Every XML member goes to the business software: none may carry a DOCTYPE.
+        return parse_xml(bytes(buf), name=info.filename, max_bytes=self.limits.max_xml_bytes)
+
+    def read(self, info: zipfile.ZipInfo) -> MemberInfo:
+        """Verify one member and return it with its digest."""
+        if info.filename in self._done:
+            return self._done[info.filename]
+        if info.is_dir():
+            return MemberInfo(info.filename, 0, "")
         lower = info.filename.lower()
         if lower.endswith(".xml"):
-            if info.file_size > limits.max_xml_bytes:
-                raise Rejection(
-                    Reason.XML_TOO_LARGE, f"{info.filename} is {info.file_size} bytes; the limit is {limits.max_xml_bytes}."
-                )
-            buf = bytearray()
-            stream_member(zf, info, lambda c: (digest.update(c), buf.extend(c)))
-            xml_bytes[info.filename] = bytes(buf)
-        elif lower.endswith(".zip"):
-            # Nested zips are spooled to a temporary file: a ZipFile needs to seek.
+            self.read_xml(info)
+            return self._done[info.filename]
+        digest = hashlib.sha256()
+        if lower.endswith(".zip"):
+            # A ZipFile needs to seek: spool the nested zip to an anonymous temporary file.
             with tempfile.TemporaryFile() as spool:
-                stream_member(zf, info, lambda c: (digest.update(c), spool.write(c)))
+                stream_member(self.zf, info, lambda c: (digest.update(c), spool.write(c)))
                 spool.seek(0)
-                nested[info.filename] = _inspect_nested(spool, info.filename, limits)
+                self.nested[info.filename] = self._inspect_nested(spool, info.filename)
         else:
-            stream_member(zf, info, digest.update)
-        members.append(MemberInfo(info.filename, info.file_size, digest.hexdigest()))
-    return members, xml_bytes, nested
+            stream_member(self.zf, info, digest.update)
+        return MemberInfo(info.filename, info.file_size, digest.hexdigest())
 
-
-def _inspect_nested(spool, name: str, limits: PackageLimits) -> list[MemberInfo]:
-    """Apply every zip check to a nested attachments zip; any failure is ``pj_zip_unsafe``."""
-    label = f"the attachments zip {name!r}"
-    try:
-        with open_zip(spool, label=label) as inner:
-            out = []
-            for info in check_directory(inner, limits, label=label):
-                if info.is_dir():
-                    continue
-                digest = hashlib.sha256()
-                stream_member(inner, info, digest.update, label=label)
-                out.append(MemberInfo(info.filename, info.file_size, digest.hexdigest()))
-            return out
-    except Rejection as exc:
-        raise Rejection(Reason.PJ_ZIP_UNSAFE, exc.detail, cause=exc.reason) from None
+    def _inspect_nested(self, spool: IO[bytes], name: str) -> list[MemberInfo]:
+        """Apply every zip check to a nested attachments zip; any failure is ``pj_zip_unsafe``."""
+        label = f"the attachments zip {name!r}"
+        try:
+            with open_zip(spool, label=label) as inner:
+                infos = check_directory(inner, self.limits, label=label)
+                self.members_left -= len(infos)
+                self.bytes_left -= sum(i.file_size for i in infos)
+                if self.members_left < 0:
+                    raise Rejection(Reason.ZIP_TOO_MANY_MEMBERS, f"{label} takes the package over {self.limits.max_members} members.")
+                if self.bytes_left < 0:
+                    raise Rejection(
+                        Reason.ZIP_UNCOMPRESSED_TOO_LARGE,
+                        f"{label} takes the package over {self.limits.max_total_uncompressed_bytes} bytes unpacked.",
+                    )
+                out = []
+                for info in infos:
+                    if info.is_dir():
+                        continue
+                    digest = hashlib.sha256()
+                    if info.filename.lower().endswith(".xml"):
+                        buf = bytearray()
+                        stream_member(inner, info, lambda c: (digest.update(c), buf.extend(c)), label=label)
+                        parse_xml(bytes(buf), name=f"{name}/{info.filename}", max_bytes=self.limits.max_xml_bytes)
+                    else:
+                        stream_member(inner, info, digest.update, label=label)
+                    out.append(MemberInfo(info.filename, info.file_size, digest.hexdigest()))
+                return out
+        except Rejection as exc:
+            raise Rejection(Reason.PJ_ZIP_UNSAFE, exc.detail, cause=exc.reason) from None
 
 
 def header_pattern(message: Message) -> re.Pattern[str]:

@@ -7,6 +7,7 @@ and nothing in the platform's formats needs one.
 
 from __future__ import annotations
 
+import codecs
 import re
 
 from lxml import etree
@@ -18,6 +19,25 @@ DEFAULT_MAX_XML_BYTES = 4 * 1024 * 1024
 # A DOCTYPE may hide behind a BOM, comments or processing instructions; this looks for the
 # declaration anywhere in the prolog, in ASCII-compatible encodings.
 _DOCTYPE = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+_DOCTYPE_TEXT = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+# UTF-16 and UTF-32 hide a DOCTYPE from the byte scan; these are the ways such a document starts.
+_WIDE_STARTS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+    (b"<\x00\x00\x00", "utf-32-le"), (b"\x00\x00\x00<", "utf-32-be"),
+    (b"<\x00?\x00", "utf-16-le"), (b"\x00<\x00?", "utf-16-be"),
+)
+
+
+def _wide_prolog(data: bytes) -> str:
+    """The start of a UTF-16 or UTF-32 document as text, or "" for any other encoding."""
+    for start, codec in _WIDE_STARTS:
+        if data.startswith(start):
+            return data[:65536].decode(codec, errors="ignore")
+    return ""
 
 
 def _parser() -> etree.XMLParser:
@@ -40,7 +60,7 @@ def parse_xml(data: bytes, *, name: str, max_bytes: int = DEFAULT_MAX_XML_BYTES)
     """
     if len(data) > max_bytes:
         raise Rejection(Reason.XML_TOO_LARGE, f"{name} is {len(data)} bytes; the limit is {max_bytes}.")
-    if _DOCTYPE.search(data):
+    if _DOCTYPE.search(data) or _DOCTYPE_TEXT.search(_wide_prolog(data)):
         raise Rejection(Reason.XML_FORBIDDEN, f"{name} declares a DOCTYPE or an entity.")
     try:
         root = etree.fromstring(data, parser=_parser())
