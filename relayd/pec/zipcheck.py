@@ -27,7 +27,7 @@ class PackageLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_package_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="size of the uploaded file")
-    max_members: int = Field(default=500, gt=0, description="members in a zip, nested zips included")
+    max_members: int = Field(default=500, gt=0, description="members in a package, nested zips included")
     max_total_uncompressed_bytes: int = Field(default=2 * 1024 * 1024 * 1024, gt=0)
     max_compression_ratio: float = Field(default=200.0, gt=1, description="uncompressed / compressed, per member")
     ratio_floor_bytes: int = Field(
