@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 import shutil
 import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from relayd.config import Commune
 from relayd.fsutil import TEMP_PREFIX, apply_owner_mode, publish_dir, publish_file, resolve_gid
@@ -140,19 +143,21 @@ def _safe_join(root: Path, member: str) -> Path:
 
 
 def _stream_to(zf, info, target: Path, mode: int, gid: int) -> None:
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
+    with _new_file(target, mode, gid) as out:
         stream_member(zf, info, out.write)
-        out.flush()
-        apply_owner_mode(out.fileno(), mode, gid)
-        os.fsync(out.fileno())
 
 
 def _write_file(path: Path, data: bytes, mode: int, gid: int) -> None:
+    with _new_file(path, mode, gid) as out:
+        out.write(data)
+
+
+@contextmanager
+def _new_file(path: Path, mode: int, gid: int) -> Iterator[BinaryIO]:
+    """A file that must not exist yet; on success it is flushed, given its mode and group, and fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(data)
+        yield out
         out.flush()
         apply_owner_mode(out.fileno(), mode, gid)
         os.fsync(out.fileno())
-

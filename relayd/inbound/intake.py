@@ -113,9 +113,9 @@ class Intake:
         for staged in self.staged_files():
             log.info("intake.recover", file=staged.name)
             outcomes.append(self.process(staged, last_chance=True))
-        for orphan in self.config.storage.staging.glob(f"*{SIDECAR_SUFFIX}") if self.config.storage.staging.is_dir() else []:
-            if not orphan.with_name(orphan.name.removesuffix(SIDECAR_SUFFIX) + ".zip").exists():
-                orphan.unlink()
+        # A crash between writing the note and moving the upload in leaves a note alone.
+        for note in self.config.storage.staging.glob(f"*{SIDECAR_SUFFIX}"):
+            note.unlink()
         return outcomes
 
     # -- processing ------------------------------------------------------------------
