@@ -37,13 +37,34 @@ from relayd.rejections import Reason, Rejection
 
 log = structlog.get_logger("relayd.sftp")
 
-#: AES-GCM first: it is the fastest on CPUs with AES-NI (see design.md's figures).
+#: AES-GCM first: it is the fastest in asyncssh on CPUs with AES-NI (see design.md's figures). The
+#: client's order decides, though (RFC 4253 §7.1): a stock OpenSSH client picks chacha20-poly1305.
 CIPHERS = (
     "aes128-gcm@openssh.com",
     "aes256-gcm@openssh.com",
     "chacha20-poly1305@openssh.com",
     "aes128-ctr",
     "aes256-ctr",
+)
+
+#: No SHA-1 key exchange or MAC: the platform's client is a current OpenSSH or Java stack.
+KEX_ALGS = (
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384",
+    "ecdh-sha2-nistp521",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group18-sha512",
+    "diffie-hellman-group14-sha256",
+)
+MAC_ALGS = (
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+    "umac-128@openssh.com",
 )
 
 _GENERIC_DENIED = "permission denied"
@@ -182,6 +203,19 @@ class DropSFTPServer(asyncssh.SFTPServer):
 
     # -- paths -----------------------------------------------------------------------
 
+    def map_path(self, path: bytes) -> bytes:
+        """asyncssh's chroot mapping, and then no way out through a link found in the folder.
+
+        Clients cannot make links, but someone on the host might; whatever they point to
+        stays out of reach.
+        """
+        local = super().map_path(path)
+        real = os.path.realpath(local)
+        if real != self._root_b and not real.startswith(self._root_b + b"/"):
+            self.log.warning("sftp.denied", op="path", why="resolves outside the drop folder")
+            raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+        return local
+
     def _local(self, path: bytes) -> Path:
         """Map a client path to a file directly inside the drop folder, or refuse."""
         local = self.map_path(path)
@@ -222,6 +256,12 @@ class DropSFTPServer(asyncssh.SFTPServer):
         self._outcomes.pop(local.name, None)
         self._state.active_uploads.add(handle)
         return handle
+
+    def format_user(self, uid: int | None) -> str:
+        return "relayd"  # the host's account names are none of the client's business
+
+    def format_group(self, gid: int | None) -> str:
+        return "relayd"
 
     def open56(self, path: bytes, desired_access: int, flags: int, attrs: asyncssh.SFTPAttrs) -> object:
         raise asyncssh.SFTPOpUnsupported("SFTP version 3 only")
@@ -421,6 +461,8 @@ class InboundServer:
             sftp_version=3,
             allow_scp=False,
             encryption_algs=CIPHERS,
+            kex_algs=KEX_ALGS,
+            mac_algs=MAC_ALGS,
             login_timeout=limits.login_timeout_seconds,
             keepalive_interval=30,  # with asyncssh's 3 missed replies: a dead peer is dropped in ~90 s
             agent_forwarding=False,
