@@ -145,3 +145,26 @@ def test_archive_keeps_a_copy(relay):
     # The business software may delete its copy; the archive stays.
     (relay.inbox("90017") / f"{NUMERO}-DAUA.zip").unlink()
     assert archived[0].exists()
+
+
+def test_parallel_uploads_all_land(relay, tmp_path):
+    """Four clients pushing at once each get their dossier into the right inbox, whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from relayd.testkit.samples import SampleSpec, build_package
+
+    specs = [SampleSpec(numero=f"A-4-PARALL{i:03d}", demarche="RCO" if i % 2 else "ILE",
+                        insee="90017" if i < 4 else "75056") for i in range(8)]
+    files = []
+    for spec in specs:
+        path = tmp_path / f"{spec.numero}.zip"
+        path.write_bytes(build_package(spec))
+        files.append(path)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda p: paramiko_put(relay, p, p.name, style="rename"), files))
+    for spec, path in zip(specs, files):
+        if spec.insee == "90017":
+            assert (relay.inbox("90017") / f"{spec.numero}-{spec.demarche}.zip").read_bytes() == path.read_bytes()
+        else:
+            assert (relay.inbox("75056") / f"{spec.numero}-{spec.demarche}" / "relayd.json").exists()
+    assert len(relay.ledger_rows("SELECT * FROM dossiers WHERE state = 'transmis'")) == 8
