@@ -17,11 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import asyncssh
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.inbound_throughput import free_port, push, wait_port  # noqa: E402
+from bench.inbound_throughput import client_key, free_port, push, wait_port  # noqa: E402
 from relayd.inbound.passwords import hash_password  # noqa: E402
 from relayd.testkit.samples import SampleSpec, build_package  # noqa: E402
 
@@ -71,11 +70,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 200])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="relayd-mem-"))
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    key_path = work / "client_key"
-    key_path.write_bytes(key.export_private_key())
-    key_path.chmod(0o600)
-    pubkey = key.export_public_key().decode().strip()
+    key_path, pubkey = client_key(work)
     try:
         peaks = {mib: run_size(work, mib, key_path, pubkey) for mib in sorted(args.sizes)}
     finally:

@@ -91,6 +91,15 @@ def start_relay(work: Path, pubkey: str) -> tuple[subprocess.Popen, int, Path]:
     return proc, port, root / "inbox"
 
 
+def client_key(work: Path) -> tuple[Path, str]:
+    """A fresh Ed25519 key for the pushing client: its file and its public line."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key_path = work / "client_key"
+    key_path.write_bytes(key.export_private_key())
+    key_path.chmod(0o600)
+    return key_path, key.export_public_key().decode().strip()
+
+
 def push(port: int, user: str, key: Path, local: Path, remote: str, cipher: str) -> float:
     batch = f'put "{local}" "{remote}"\n'
     start = time.perf_counter()
@@ -109,11 +118,7 @@ def main() -> int:
     parser.add_argument("--cipher", default="aes128-gcm@openssh.com")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="relayd-bench-"))
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    key_path = work / "client_key"
-    key_path.write_bytes(key.export_private_key())
-    key_path.chmod(0o600)
-    pubkey = key.export_public_key().decode().strip()
+    key_path, pubkey = client_key(work)
     procs = []
     try:
         sshd, sshd_port, sshd_dest = start_sshd(work, pubkey)

@@ -73,7 +73,7 @@ class Account(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _needs_a_credential(self) -> "Account":
+    def _needs_a_credential(self) -> Account:
         sources = [self.password_hash, self.password_file, self.password_credential]
         if sum(s is not None for s in sources) > 1:
             raise ValueError("give only one of password_hash, password_file, password_credential")
@@ -180,7 +180,7 @@ class Config(_Strict):
     logging: Logging = Logging()
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _cross_checks(self) -> Config:
         codes = [c.insee for c in self.communes]
         dup = {c for c in codes if codes.count(c) > 1}
         if dup:

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +30,14 @@ PASSWORD = "correct horse battery staple"
 OTHER_PASSWORD = "another account's password"
 
 
+def wait_for(predicate, *, timeout: float = 60, what: str = "condition") -> None:
+    """Poll until ``predicate()`` is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     """A port that was free a moment ago on loopback."""
     with socket.socket() as s:
@@ -38,16 +45,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An Ed25519 key pair for the platform account, in OpenSSH format."""
-    folder = tmp_path_factory.mktemp("keys")
+def write_key_pair(folder: Path, name: str) -> Path:
+    """A new Ed25519 key pair in OpenSSH format: ``folder/name`` and ``folder/name.pub``."""
     key = asyncssh.generate_private_key("ssh-ed25519")
-    path = folder / "platform_key"
+    path = folder / name
     path.write_bytes(key.export_private_key())
     path.chmod(0o600)
-    path.with_name("platform_key.pub").write_bytes(key.export_public_key())
+    path.with_name(f"{name}.pub").write_bytes(key.export_public_key())
     return path
+
+
+@pytest.fixture(scope="session")
+def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The platform account's key pair."""
+    return write_key_pair(tmp_path_factory.mktemp("keys"), "platform_key")
 
 
 @pytest.fixture(scope="session")

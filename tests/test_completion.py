@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Relay, require_program, sftp_put
+from conftest import Relay, require_program, sftp_put, wait_for
 from relayd.testkit.samples import SampleSpec, build_package
 
 BIG = 48 * 1024 * 1024
@@ -36,13 +34,6 @@ def _start_slow_put(relay: Relay, local: Path, remote: str) -> subprocess.Popen:
     )
 
 
-def _wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _partial_size(relay: Relay, name: str) -> int:
     try:
         return (relay.drop() / name).stat().st_size
@@ -53,14 +44,16 @@ def _partial_size(relay: Relay, name: str) -> int:
 @pytest.mark.parametrize("remote", ["big.zip", "big.zip.part"])
 def test_client_killed_mid_upload_leaves_nothing(relay, big_package, remote):
     proc = _start_slow_put(relay, big_package, remote)
-    _wait_for(lambda: _partial_size(relay, remote) > 4 * 1024 * 1024, what="the upload to start")
+    wait_for(lambda: _partial_size(relay, remote) > 4 * 1024 * 1024, what="the upload to start")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     # The session's end is noticed and the partial removed, without waiting for a restart.
-    _wait_for(lambda: not (relay.drop() / remote).exists(), what="the partial to be removed")
+    # (The log line follows the removal: wait for it, not for the file to go.)
+    wait_for(lambda: any(e.get("event") == "sftp.partial_removed" for e in relay.events()),
+              what="the partial to be removed")
+    assert not (relay.drop() / remote).exists()
     assert not any(relay.inbox("90017").iterdir())
     assert relay.ledger_rows("SELECT * FROM packages") == []
-    assert any(e.get("event") == "sftp.partial_removed" for e in relay.events())
     relay.restart()
     assert not any(relay.drop().iterdir())
     assert not any(relay.inbox("90017").iterdir())
@@ -69,7 +62,7 @@ def test_client_killed_mid_upload_leaves_nothing(relay, big_package, remote):
 
 def test_relay_killed_mid_upload_cleans_the_partial_at_next_start(relay, big_package):
     proc = _start_slow_put(relay, big_package, "big.zip")
-    _wait_for(lambda: _partial_size(relay, "big.zip") > 4 * 1024 * 1024, what="the upload to start")
+    wait_for(lambda: _partial_size(relay, "big.zip") > 4 * 1024 * 1024, what="the upload to start")
     relay.kill()
     proc.wait(timeout=60)
     assert (relay.drop() / "big.zip").exists()  # what a crash leaves behind...
@@ -108,4 +101,8 @@ def test_a_temporary_name_alone_is_never_promoted(relay, tmp_path):
     result = sftp_put(relay, local, "p.zip.part")
     assert result.returncode == 0
     assert not any(relay.inbox("90017").iterdir())
+    # The client is gone before the relay finishes the session's clean-up: wait for its word.
+    wait_for(lambda: any(e.get("event") == "sftp.partial_removed" for e in relay.events()),
+              what="the leftover to be removed")
     assert not (relay.drop() / "p.zip.part").exists()
+    assert not any(relay.inbox("90017").iterdir())

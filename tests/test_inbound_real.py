@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -162,7 +161,7 @@ def test_parallel_uploads_all_land(relay, tmp_path):
         files.append(path)
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda p: paramiko_put(relay, p, p.name, style="rename"), files))
-    for spec, path in zip(specs, files):
+    for spec, path in zip(specs, files, strict=True):
         if spec.insee == "90017":
             assert (relay.inbox("90017") / f"{spec.numero}-{spec.demarche}.zip").read_bytes() == path.read_bytes()
         else:

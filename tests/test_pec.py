@@ -35,11 +35,9 @@ from relayd.testkit.samples import (
     zip_entry,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "fixtures" / "real"
-REAL_PACKAGE = REAL / "RitaGS.2019-04-03T16_26_40.674661355.A-9-X3UGO4V7-DAUA-2.ADER.ftp.zip"
+from conftest import REAL_MOTDEPASSE, REAL_PACKAGE
+
 REAL_SHA256 = "48d680fb66aeea601c127737dcf3ef225161660f28a04269cfb501ae4ffcc748"
-REAL_MOTDEPASSE = "En@Qk#SE5Q"
 REAL_PJ = "A-9-X3UGO4V7-DAUA-pj-Pieces_Jointes_DAUA-1-2.zip"
 REAL_ENT = "A-9-X3UGO4V7-DAUA-ent-2.xml"
 

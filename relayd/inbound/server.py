@@ -102,7 +102,7 @@ class ServerState:
     auth: dict[str, AccountAuth]
     connections: int = 0
     on_event: Callable[[str, dict], None] | None = None
-    active_uploads: set["_Handle"] = field(default_factory=set)
+    active_uploads: set[_Handle] = field(default_factory=set)
 
 
 class _Handle:
