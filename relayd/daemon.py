@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import structlog
 
@@ -63,8 +62,3 @@ async def run(config: Config, *, on_ready: Callable[[InboundServer], Awaitable[N
         await server.close()
         ledger.close()
         log.info("relayd.stopped")
-
-
-def default_config_path() -> Path:
-    """Where ``relayd run`` looks when no ``-c`` is given."""
-    return Path("/etc/relayd/relayd.yaml")

@@ -22,8 +22,7 @@ import asyncio
 import os
 import posixpath
 import stat
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
@@ -101,8 +100,6 @@ class ServerState:
     intake: Intake
     auth: dict[str, AccountAuth]
     connections: int = 0
-    on_event: Callable[[str, dict], None] | None = None
-    active_uploads: set[_Handle] = field(default_factory=set)
 
 
 class _Handle:
@@ -254,7 +251,6 @@ class DropSFTPServer(asyncssh.SFTPServer):
         self._open[id(handle)] = handle
         self._created.add(local)
         self._outcomes.pop(local.name, None)
-        self._state.active_uploads.add(handle)
         return handle
 
     def format_user(self, uid: int | None) -> str:
@@ -292,7 +288,6 @@ class DropSFTPServer(asyncssh.SFTPServer):
     async def close(self, file_obj: object) -> None:
         handle = self._handle(file_obj)
         self._open.pop(id(handle), None)
-        self._state.active_uploads.discard(handle)
         if handle.syncing is not None:
             await asyncio.shield(handle.syncing)  # never close a descriptor that a flush still uses
         os.close(handle.fd)
@@ -422,8 +417,6 @@ class DropSFTPServer(asyncssh.SFTPServer):
         self.log.info("sftp.committed", upload=upload.name, size=size)
         staged = await asyncio.to_thread(intake.stage, local, upload)
         outcome: Outcome = await asyncio.to_thread(intake.process, staged)
-        if self._state.on_event is not None:
-            self._state.on_event("package", {"status": outcome.status, "account": self.account})
         if outcome.status in ("accepted", "duplicate"):
             self._outcomes[upload.name] = size
             return

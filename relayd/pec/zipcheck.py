@@ -7,7 +7,6 @@ in chunks; no member is ever held whole in memory.
 
 from __future__ import annotations
 
-import shutil
 import stat
 import zipfile
 from collections.abc import Callable
@@ -119,14 +118,3 @@ def stream_member(
         raise Rejection(Reason.ZIP_INVALID, f"{label}: member {info.filename!r} is damaged ({exc}).") from None
     except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
         raise Rejection(Reason.ZIP_INVALID, f"{label}: member {info.filename!r} cannot be read ({exc}).") from None
-
-
-def extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, *, label: str = "the package") -> None:
-    """Stream one member into ``dest`` (a file path chosen by the caller, never the member name)."""
-    with open(dest, "wb") as out:
-        stream_member(zf, info, out.write, label=label)
-
-
-def copy_stream(src: IO[bytes], dest: IO[bytes]) -> None:
-    """Copy between open files in chunks."""
-    shutil.copyfileobj(src, dest, CHUNK)
