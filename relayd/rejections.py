@@ -97,6 +97,10 @@ class Rejection(Exception):
         self.envelope: object | None = None
         super().__init__(f"{reason.value}: {self.detail}")
 
+    def client_message(self) -> str:
+        """What an SFTP client is told: the code and the generic sentence, never the detail."""
+        return f"refused ({self.reason.value}): {self.reason.summary}"
+
     def as_dict(self) -> dict[str, str]:
         """The reason as the quarantine reason file and the log carry it."""
         out = {"code": self.reason.value, "message": self.detail}

@@ -55,7 +55,7 @@ class Outcome:
     def client_message(self) -> str:
         """What the SFTP client is told: the code and a generic sentence, never internal paths."""
         if self.rejection is not None:
-            return f"refused ({self.rejection.reason.value}): {self.rejection.reason.summary}"
+            return self.rejection.client_message()
         if self.status == "error":
             return "internal error: the package is kept and will be processed again"
         return "accepted"

@@ -24,6 +24,7 @@ import posixpath
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import asyncssh
 import structlog
@@ -273,7 +274,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
         elif self._session_bytes + len(data) > limits.max_upload_bytes_per_session:
             handle.refusal = Rejection(Reason.SESSION_UPLOAD_LIMIT, "the session outgrew its upload limit.")
         if handle.refusal is not None:
-            raise asyncssh.SFTPFailure(f"refused ({handle.refusal.reason.value}): {handle.refusal.reason.summary}")
+            raise asyncssh.SFTPFailure(handle.refusal.client_message())
         written = os.pwrite(handle.fd, data, offset)
         handle.written += written
         self._session_bytes += written
@@ -300,8 +301,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
             self._created.discard(handle.local)
             intake = self._state.intake
             outcome = await asyncio.to_thread(intake.quarantine_partial, handle.local, upload, handle.refusal)
-            self._outcomes[upload.name] = outcome.client_message()
-            raise asyncssh.SFTPFailure(outcome.client_message())
+            self._refuse(upload.name, outcome)
         if self._is_package(handle.name):
             await self._commit(handle.local, upload)
 
@@ -420,7 +420,11 @@ class DropSFTPServer(asyncssh.SFTPServer):
         if outcome.status in ("accepted", "duplicate"):
             self._outcomes[upload.name] = size
             return
-        self._outcomes[upload.name] = outcome.client_message()
+        self._refuse(upload.name, outcome)
+
+    def _refuse(self, name: str, outcome: Outcome) -> NoReturn:
+        """Answer the client's request with the refusal, and remember it for a later stat of that name."""
+        self._outcomes[name] = outcome.client_message()
         raise asyncssh.SFTPFailure(outcome.client_message())
 
 

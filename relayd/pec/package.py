@@ -122,16 +122,9 @@ class _MemberReader:
 
     def read_xml(self, info: zipfile.ZipInfo) -> etree._Element:
         """Read, digest and parse one XML member; only the parsed tree is kept."""
-        if info.file_size > self.limits.max_xml_bytes:
-            raise Rejection(
-                Reason.XML_TOO_LARGE, f"{info.filename} is {info.file_size} bytes; the limit is {self.limits.max_xml_bytes}."
-            )
-        digest = hashlib.sha256()
-        buf = bytearray()
-        stream_member(self.zf, info, lambda c: (digest.update(c), buf.extend(c)))
-        self._done[info.filename] = MemberInfo(info.filename, info.file_size, digest.hexdigest())
-        # Every XML member goes to the business software: none may carry a DOCTYPE.
-        return parse_xml(bytes(buf), name=info.filename, max_bytes=self.limits.max_xml_bytes)
+        member, root = _read_xml(self.zf, info, self.limits, name=info.filename)
+        self._done[info.filename] = member
+        return root
 
     def read(self, info: zipfile.ZipInfo) -> MemberInfo:
         """Verify one member and return it with its digest."""
@@ -173,17 +166,32 @@ class _MemberReader:
                 for info in infos:
                     if info.is_dir():
                         continue
-                    digest = hashlib.sha256()
                     if info.filename.lower().endswith(".xml"):
-                        buf = bytearray()
-                        stream_member(inner, info, lambda c: (digest.update(c), buf.extend(c)), label=label)
-                        parse_xml(bytes(buf), name=f"{name}/{info.filename}", max_bytes=self.limits.max_xml_bytes)
+                        member, _ = _read_xml(inner, info, self.limits, name=f"{name}/{info.filename}", label=label)
                     else:
+                        digest = hashlib.sha256()
                         stream_member(inner, info, digest.update, label=label)
-                    out.append(MemberInfo(info.filename, info.file_size, digest.hexdigest()))
+                        member = MemberInfo(info.filename, info.file_size, digest.hexdigest())
+                    out.append(member)
                 return out
         except Rejection as exc:
             raise Rejection(Reason.PJ_ZIP_UNSAFE, exc.detail, cause=exc.reason) from None
+
+
+def _read_xml(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: PackageLimits, *, name: str, label: str = "the package"
+) -> tuple[MemberInfo, etree._Element]:
+    """Read one XML member within its size limit, digest it, and parse it with the hardened parser.
+
+    Every XML file goes to the business software: none may carry a DOCTYPE.
+    """
+    if info.file_size > limits.max_xml_bytes:
+        raise Rejection(Reason.XML_TOO_LARGE, f"{name} is {info.file_size} bytes; the limit is {limits.max_xml_bytes}.")
+    digest = hashlib.sha256()
+    buf = bytearray()
+    stream_member(zf, info, lambda c: (digest.update(c), buf.extend(c)), label=label)
+    root = parse_xml(bytes(buf), name=name, max_bytes=limits.max_xml_bytes)
+    return MemberInfo(info.filename, info.file_size, digest.hexdigest()), root
 
 
 def header_pattern(message: Message) -> re.Pattern[str]:
