@@ -9,6 +9,7 @@ Relative paths are resolved against the configuration file's folder.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -126,10 +127,99 @@ class Commune(_Strict):
     delivery: Literal["zip", "extracted"] = "zip"
     file_mode: str = Field(default="0640", pattern=r"^0?[0-7]{3}$")
     group: str | None = Field(default=None, description="group owning what lands in the inbox")
+    returns: Path | None = Field(default=None, description="where the business software drops status files")
+    rejected: Path | None = Field(default=None, description="refused drops and their reasons; default: <returns>/../rejected")
+    auto_receipt: bool = Field(default=False, description="send \"reçu\" by itself once a dossier is handed over")
+    allow_unknown_dossiers: bool = Field(default=False, description="accept returns for dossiers this relay never received")
 
     @property
     def mode(self) -> int:
         return int(self.file_mode, 8)
+
+    @property
+    def rejected_dir(self) -> Path | None:
+        """Where refused return drops go, beside the return directory unless configured."""
+        if self.returns is None:
+            return None
+        return self.rejected or self.returns.parent / "rejected"
+
+
+class Retry(_Strict):
+    """How the outbox retries a delivery: exponential backoff with jitter, a cap, then dead-letter."""
+
+    initial_seconds: float = Field(default=10.0, gt=0)
+    factor: float = Field(default=2.0, ge=1)
+    max_seconds: float = Field(default=900.0, gt=0, description="the cap on one wait")
+    jitter: float = Field(default=0.2, ge=0, le=1, description="each wait varies by up to this fraction")
+    max_attempts: int = Field(default=200, gt=0, description="then the entry goes to dead-letter")
+    max_age_hours: float = Field(default=72.0, gt=0, description="or once it is this old")
+
+
+class ReturnServer(_Strict):
+    """The platform's SFTP server that receives acks and returns."""
+
+    host: str
+    port: int = Field(default=22, gt=0, le=65535)
+    username: str
+    private_key: Path | None = Field(default=None, description="OpenSSH private key file (no passphrase)")
+    password_file: Path | None = Field(default=None, description="a file holding the account's password")
+    password_credential: str | None = Field(default=None, description="a systemd credential holding it")
+    known_hosts: Path | None = Field(default=None, description="an OpenSSH known_hosts file pinning the server's key")
+    host_key_fingerprints: list[str] = Field(
+        default_factory=list, description="pinned SHA256 fingerprints: the current key, and the next one during a rotation"
+    )
+    remote_dir: str = Field(default=".", description="where returns go on the server")
+    acks_dir: str | None = Field(default=None, description="where acks go; default: remote_dir")
+    connect_timeout_seconds: float = Field(default=15.0, gt=0)
+    login_timeout_seconds: float = Field(default=30.0, gt=0)
+    operation_timeout_seconds: float = Field(default=120.0, gt=0)
+    idle_seconds: float = Field(default=60.0, ge=0, description="an idle connection is kept this long for reuse")
+    retry: Retry = Retry()
+
+    @field_validator("host_key_fingerprints")
+    @classmethod
+    def _fingerprints(cls, value: list[str]) -> list[str]:
+        for i, fp in enumerate(value):
+            if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", fp):
+                raise ValueError(f"entry {i} is not an OpenSSH SHA256 fingerprint (SHA256: and 43 base64 characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _pinned_and_authenticated(self) -> ReturnServer:
+        if self.known_hosts is None and not self.host_key_fingerprints:
+            raise ValueError("pin the server's host key: give known_hosts or host_key_fingerprints")
+        secrets = [self.private_key, self.password_file, self.password_credential]
+        if sum(s is not None for s in secrets) != 1:
+            raise ValueError("give exactly one of private_key, password_file, password_credential")
+        return self
+
+    def password(self) -> str | None:
+        """The account's password, read from its file or credential; None with a key."""
+        path = self.password_file
+        if self.password_credential is not None:
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not creds:
+                raise ConfigError("platform: password_credential needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
+            path = Path(creds) / self.password_credential
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"platform: cannot read its password file ({exc.strerror})") from None
+
+
+class Returns(_Strict):
+    """How return drops from the business software are picked up and checked."""
+
+    settle_seconds: float = Field(default=2.0, ge=0, description="a directly written file must not change for this long")
+    rescan_seconds: float = Field(default=30.0, gt=0, description="full rescan period; file events are only hints")
+    max_attachment_bytes: int = Field(default=1024 * 1024, gt=0, description="1024 Ko, the platform's limit")
+    max_attachments: int = Field(default=10, gt=0)
+    max_status_bytes: int = Field(default=1024 * 1024, gt=0)
+    attachment_types: list[str] = Field(
+        default_factory=lambda: ["pdf", "png", "jpg", "jpeg"], description="file extensions, checked against content"
+    )
 
 
 class Storage(_Strict):
@@ -155,6 +245,10 @@ class Storage(_Strict):
     def ledger(self) -> Path:
         return self.root / "ledger.sqlite"
 
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
+
 
 class Logging(_Strict):
     format: Literal["auto", "json", "console"] = "auto"
@@ -177,6 +271,8 @@ class Config(_Strict):
     limits: Limits = Limits()
     accounts: list[Account] = Field(min_length=1)
     communes: list[Commune] = Field(min_length=1)
+    platform: ReturnServer | None = Field(default=None, description="without it, acks and returns wait in the outbox")
+    returns: Returns = Returns()
     logging: Logging = Logging()
 
     @model_validator(mode="after")
@@ -188,6 +284,12 @@ class Config(_Strict):
         names = [a.username for a in self.accounts]
         if len(set(names)) != len(names):
             raise ValueError("accounts: a username appears more than once")
+        returns = [c.returns for c in self.communes if c.returns is not None]
+        if len(set(returns)) != len(returns):
+            raise ValueError("communes: two communes share a return directory; each needs its own")
+        for i, commune in enumerate(self.communes):
+            if commune.returns is not None and commune.returns in (commune.inbox, commune.rejected_dir):
+                raise ValueError(f"communes.{i}.returns: must differ from the inbox and from the rejected folder")
         for i, account in enumerate(self.accounts):
             for code in account.communes:
                 if code not in codes:
@@ -251,8 +353,15 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         if isinstance(keys, list):
             server["host_keys"] = [fix(k) for k in keys]
     for commune in raw.get("communes") or []:
-        if isinstance(commune, dict) and "inbox" in commune:
-            commune["inbox"] = fix(commune["inbox"])
+        if isinstance(commune, dict):
+            for key in ("inbox", "returns", "rejected"):
+                if key in commune:
+                    commune[key] = fix(commune[key])
+    platform = raw.get("platform")
+    if isinstance(platform, dict):
+        for key in ("private_key", "password_file", "known_hosts"):
+            if key in platform:
+                platform[key] = fix(platform[key])
     for account in raw.get("accounts") or []:
         if isinstance(account, dict):
             for key in ("password_file", "authorized_keys_file", "drop_dir"):

@@ -1,6 +1,7 @@
-"""Why a package is refused: one stable code for programs, one sentence for people.
+"""Why an input is refused: one stable code for programs, one sentence for people.
 
-Every refusal in relayd goes through :class:`Rejection`. The code (a :class:`Reason`) is
+Inputs are the platform's packages and the business software's return drops. Every
+refusal in relayd goes through :class:`Rejection`. The code (a :class:`Reason`) is
 what the quarantine reason file, the log event and, later, the negative ack carry; the
 sentence is what a person reads. The codes are part of relayd's contract with integration
 testers: never rename one.
@@ -43,6 +44,16 @@ class Reason(StrEnum):
     DOSSIER_CONFLICT = "dossier_conflict"
     UPLOAD_INCOMPLETE = "upload_incomplete"
     INTERNAL_ERROR = "internal_error"
+    # Return drops from the business software (status files and PEC return packages).
+    STATUS_INVALID = "status_invalid"
+    RETURN_PACKAGE_INVALID = "return_package_invalid"
+    DOSSIER_UNKNOWN = "dossier_unknown"
+    RETURN_WRONG_COMMUNE = "return_wrong_commune"
+    TRANSITION_INVALID = "transition_invalid"
+    ATTACHMENT_MISSING = "attachment_missing"
+    ATTACHMENT_TOO_LARGE = "attachment_too_large"
+    ATTACHMENT_TYPE = "attachment_type"
+    TOO_MANY_ATTACHMENTS = "too_many_attachments"
 
     @property
     def summary(self) -> str:
@@ -80,6 +91,15 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.DOSSIER_CONFLICT: "This dossier or message was already received with different content.",
     Reason.UPLOAD_INCOMPLETE: "The upload was cut off before it was committed.",
     Reason.INTERNAL_ERROR: "relayd failed to process the package; it is kept for an operator.",
+    Reason.STATUS_INVALID: "The status file does not follow relayd's status format (schemas/relayd-statut.xsd).",
+    Reason.RETURN_PACKAGE_INVALID: "The return package is not a PEC package with a Retour body for one dossier.",
+    Reason.DOSSIER_UNKNOWN: "This relay never received a dossier with this number.",
+    Reason.RETURN_WRONG_COMMUNE: "The dossier belongs to another commune than this return directory's.",
+    Reason.TRANSITION_INVALID: "The dossier cannot move to this state from its current one.",
+    Reason.ATTACHMENT_MISSING: "An attachment named by the status file is not there.",
+    Reason.ATTACHMENT_TOO_LARGE: "An attachment is larger than the platform accepts (1024 Ko unless configured).",
+    Reason.ATTACHMENT_TYPE: "An attachment is not of an accepted type, or its content does not match its name.",
+    Reason.TOO_MANY_ATTACHMENTS: "The return carries more attachments than this relay accepts.",
 }
 
 
