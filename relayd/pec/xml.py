@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import codecs
 import re
+import sys
+import threading
+from pathlib import Path
 
 from lxml import etree
 
@@ -80,3 +83,66 @@ def local_name(element: etree._Element) -> str:
 
 def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- schemas
+
+#: Where the XSDs live: the repository's ``schemas/`` in a checkout, else the installed copy.
+SCHEMA_DIRS = (
+    Path(__file__).resolve().parents[2] / "schemas",
+    Path(sys.prefix) / "share" / "relayd" / "schemas",
+)
+
+_XSD = "http://www.w3.org/2001/XMLSchema"
+_PLAIN_XSD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.xsd")
+# A compiled XMLSchema keeps its error log on itself, so two threads validating with one object
+# would read each other's errors: each thread compiles and keeps its own.
+_compiled = threading.local()
+
+
+def load_schema(name: str) -> etree.XMLSchema:
+    """The compiled XSD ``name`` (e.g. ``"relayd-statut.xsd"``) from relayd's ``schemas/`` folder.
+
+    Looks in the repository's top-level ``schemas/``, then in ``<sys.prefix>/share/relayd/schemas``.
+    Cached per thread. Loading never touches the network: the XSDs are parsed like any untrusted
+    XML, and every ``xs:import``/``xs:include`` must name a file beside its schema, which is checked
+    before libxml2 follows it. Raises ``FileNotFoundError`` or ``ValueError``.
+    """
+    cache: dict[str, etree.XMLSchema] | None = getattr(_compiled, "cache", None)
+    if cache is None:
+        cache = _compiled.cache = {}
+    key = name if name.endswith(".xsd") else f"{name}.xsd"
+    schema = cache.get(key)
+    if schema is None:
+        path = _schema_path(key)
+        _check_schema_locations(path, seen=set())
+        schema = cache[key] = etree.XMLSchema(_parse_schema_file(path))
+    return schema
+
+
+def _schema_path(name: str) -> Path:
+    if not _PLAIN_XSD_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not the plain file name of an XSD.")
+    for folder in SCHEMA_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{name} is in none of {', '.join(str(d) for d in SCHEMA_DIRS)}.")
+
+
+def _parse_schema_file(path: Path) -> etree._ElementTree:
+    return etree.parse(str(path), parser=_parser())
+
+
+def _check_schema_locations(path: Path, *, seen: set[Path]) -> None:
+    """Refuse a schema that would make libxml2 fetch anything but a file beside it."""
+    if path in seen:
+        return
+    seen.add(path)
+    root = _parse_schema_file(path).getroot()
+    for ref in root.iter(f"{{{_XSD}}}import", f"{{{_XSD}}}include", f"{{{_XSD}}}redefine"):
+        location = ref.get("schemaLocation")
+        if location is None:
+            continue
+        if not _PLAIN_XSD_NAME.fullmatch(location):
+            raise ValueError(f"{path.name} refers to {location!r}; a schema may only refer to a file beside it.")
+        _check_schema_locations(path.parent / location, seen=seen)
