@@ -147,3 +147,22 @@ def ensure_dir(path: Path, mode: int = 0o700) -> Path:
     """Create a folder (and parents) if needed; return it."""
     path.mkdir(parents=True, exist_ok=True, mode=mode)
     return path
+
+
+def write_durably(dest: Path, data: bytes, *, mode: int = 0o600, gid: int = -1) -> None:
+    """Make ``dest`` appear atomically holding ``data``: hidden temp name, fsync, rename, fsync the folder."""
+    tmp = dest.parent / temp_name(dest.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        apply_owner_mode(fd, mode, gid)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)

@@ -1,7 +1,7 @@
 """The ledger: SQLite in WAL mode, the one memory relayd keeps across restarts.
 
 It records every package received (accepted, duplicate or rejected), every dossier with
-its state, and an event history. Transactions are short and nothing is held only in
+its state, the outbox of acks and returns bound for the platform, and an event history. Transactions are short and nothing is held only in
 memory, so several worker processes can share one ledger file.
 """
 
@@ -57,7 +57,9 @@ CREATE TABLE IF NOT EXISTS dossiers (
     message_id    TEXT NOT NULL,
     sha256        TEXT NOT NULL,
     inbox_path    TEXT,
-    archive_path  TEXT
+    archive_path  TEXT,
+    routing       TEXT,
+    requested_state TEXT CHECK (requested_state IN ('recu', 'clos'))
 );
 
 CREATE TABLE IF NOT EXISTS events (
@@ -68,7 +70,42 @@ CREATE TABLE IF NOT EXISTS events (
     detail  TEXT
 );
 CREATE INDEX IF NOT EXISTS events_numero ON events(numero);
+
+-- What goes back to the platform. A row exists before anything is sent (contract 5).
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY,
+    created_at      TEXT NOT NULL,
+    kind            TEXT NOT NULL CHECK (kind IN ('AVL', 'ANL', 'Retour')),
+    numero          TEXT,
+    queue_key       TEXT NOT NULL,
+    target_state    TEXT CHECK (target_state IN ('recu', 'clos')),
+    message_id      TEXT NOT NULL UNIQUE,
+    ref_message_id  TEXT,
+    remote_name     TEXT NOT NULL UNIQUE,
+    payload         TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    sha256          TEXT NOT NULL,
+    source_sha256   TEXT,
+    source          TEXT,
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'dead', 'purged')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error_code TEXT,
+    last_error      TEXT,
+    delivered_at    TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_status ON outbox(status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_queue ON outbox(queue_key, id);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_source ON outbox(source_sha256) WHERE source_sha256 IS NOT NULL;
 """
+
+# Columns added after the first release: an older ledger gains them at open.
+_MIGRATIONS = {
+    "dossiers": {
+        "routing": "TEXT",
+        "requested_state": "TEXT CHECK (requested_state IN ('recu', 'clos'))",
+    },
+}
 
 
 def utcnow() -> str:
@@ -109,6 +146,11 @@ class Ledger:
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            for table, columns in _MIGRATIONS.items():
+                have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns.items():
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -148,7 +190,8 @@ class Ledger:
         return rows[0] if rows else None
 
     def record_accepted(
-        self, rec: PackageRecord, *, deposited_at: str | None, inbox_path: str, archive_path: str
+        self, rec: PackageRecord, *, deposited_at: str | None, inbox_path: str, archive_path: str,
+        routing: str | None = None,
     ) -> None:
         """Record an accepted package and its dossier (state "transmis") in one transaction.
 
@@ -160,9 +203,10 @@ class Ledger:
                 self._insert_package(db, rec, "accepted", location=inbox_path, at=now)
                 db.execute(
                     "INSERT INTO dossiers (numero, demarche, insee, state, deposited_at, received_at, updated_at,"
-                    " message_id, sha256, inbox_path, archive_path) VALUES (?, ?, ?, 'transmis', ?, ?, ?, ?, ?, ?, ?)",
+                    " message_id, sha256, inbox_path, archive_path, routing)"
+                    " VALUES (?, ?, ?, 'transmis', ?, ?, ?, ?, ?, ?, ?, ?)",
                     (rec.numero, rec.demarche, rec.insee, deposited_at, now, now, rec.message_id, rec.sha256,
-                     inbox_path, archive_path),
+                     inbox_path, archive_path, routing),
                 )
                 self._event(db, rec.numero, "received", f"handed over to {inbox_path}", at=now)
         except sqlite3.IntegrityError as exc:
@@ -199,6 +243,11 @@ class Ledger:
         """A dossier's history, oldest first."""
         return self.query("SELECT * FROM events WHERE numero = ? ORDER BY id", (numero,))
 
+    def record_event(self, numero: str | None, kind: str, detail: str) -> None:
+        """Add one step to a dossier's history (or to the relay's, without a number)."""
+        with self.transaction() as db:
+            self._event(db, numero, kind, detail, at=utcnow())
+
     # -- internals ------------------------------------------------------------------
 
     @staticmethod
@@ -212,6 +261,11 @@ class Ledger:
             (at, rec.account, rec.peer, rec.upload_name, rec.size, rec.sha256, rec.message_id, rec.numero,
              rec.demarche, rec.insee, outcome, reason, detail, location),
         )
+
+    @staticmethod
+    def event(db: sqlite3.Connection, numero: str | None, kind: str, detail: str) -> None:
+        """Add a history step inside a transaction that the caller holds."""
+        Ledger._event(db, numero, kind, detail, at=utcnow())
 
     @staticmethod
     def _event(db: sqlite3.Connection, numero: str | None, kind: str, detail: str, *, at: str) -> None:

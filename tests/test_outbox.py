@@ -1,0 +1,147 @@
+"""The outbox on its own: durability before sending, per-dossier order, backoff, dead-letter and operator commands.
+
+These run in-process on a real ledger file, with a clock the test moves. Deliveries over
+the wire are in ``test_return_path.py``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from relayd.config import Retry
+from relayd.ledger import Ledger
+from relayd.outbound.outbox import Outbox, Queued
+from relayd.pec.replies import ReplyPackage
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def outbox(tmp_path: Path, clock: Clock) -> Outbox:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    retry = Retry(initial_seconds=10, factor=2, max_seconds=60, jitter=0.2, max_attempts=5, max_age_hours=24)
+    yield Outbox(ledger, tmp_path / "outbox", tmp_path / "archive", retry, clock=clock)
+    ledger.close()
+
+
+def reply(n: int) -> ReplyPackage:
+    return ReplyPackage(message_id=f"M{n}", name=f"reply-{n}.zip", kind="Retour", data=f"package {n}".encode())
+
+
+def test_the_file_is_durable_before_the_row_and_the_row_before_any_send(outbox):
+    entry = outbox.enqueue(reply(1), Queued(kind="AVL", numero="A-1-AAAAAAAA"))
+    assert entry.payload.read_bytes() == b"package 1"
+    assert entry.status == "pending" and entry.attempts == 0
+    assert [e.id for e in outbox.due()] == [entry.id]
+
+
+def test_a_failed_transaction_leaves_no_file(outbox):
+    def boom(db: sqlite3.Connection) -> None:
+        raise RuntimeError("the caller's own check failed")
+
+    with pytest.raises(RuntimeError):
+        outbox.enqueue(reply(1), Queued(kind="Retour", numero="A-1-AAAAAAAA", target_state="recu"), also=boom)
+    assert outbox.entries(("pending", "dead", "delivered")) == []
+    assert list(outbox.folder.iterdir()) == []
+
+
+def test_the_same_drop_is_queued_once(outbox):
+    outbox.enqueue(reply(1), Queued(kind="Retour", numero="A-1-AAAAAAAA", source_sha256="abc"))
+    with pytest.raises(sqlite3.IntegrityError):
+        outbox.enqueue(reply(2), Queued(kind="Retour", numero="A-1-AAAAAAAA", source_sha256="abc"))
+    assert outbox.by_source("abc").message_id == "M1"
+
+
+def test_a_dossier_entries_wait_for_the_one_before(outbox, clock):
+    first = outbox.enqueue(reply(1), Queued(kind="AVL", numero="A-1-AAAAAAAA"))
+    second = outbox.enqueue(reply(2), Queued(kind="Retour", numero="A-1-AAAAAAAA", target_state="recu"))
+    other = outbox.enqueue(reply(3), Queued(kind="AVL", numero="A-1-BBBBBBBB"))
+    assert [e.id for e in outbox.due()] == [first.id, other.id]
+    outbox.failed(first, "connect_failed", "down")
+    # Still held back while the first waits for its retry, even though the second is "due".
+    assert [e.id for e in outbox.due()] == [other.id]
+    clock.now += 60
+    assert sorted(e.id for e in outbox.due()) == [first.id, other.id]
+    outbox.delivered(outbox.get(first.id))
+    assert second.id in [e.id for e in outbox.due()]
+
+
+def test_backoff_grows_with_jitter_up_to_the_cap(outbox):
+    waits = {n: [outbox.backoff(n) for _ in range(200)] for n in (1, 2, 3, 6, 20)}
+    assert all(8 <= w <= 12 for w in waits[1])
+    assert all(16 <= w <= 24 for w in waits[2])
+    assert all(32 <= w <= 48 for w in waits[3])
+    assert all(w <= 60 for w in waits[6] + waits[20])
+    assert len(set(waits[1])) > 100  # jittered, not a fixed step
+
+
+def test_dead_letter_after_max_attempts_then_retry_and_purge(outbox, clock):
+    entry = outbox.enqueue(reply(1), Queued(kind="AVL", numero="A-1-AAAAAAAA"))
+    for _ in range(5):
+        clock.now += 120
+        entry = outbox.failed(outbox.due()[0], "connect_failed", "the server is down")
+    assert entry.status == "dead" and entry.attempts == 5
+    assert outbox.due() == []
+    (revived,) = outbox.retry_now([entry.id])
+    assert revived.status == "pending" and revived.attempts == 0
+    assert [e.id for e in outbox.due()] == [entry.id]
+    # Purge only takes dead entries.
+    assert outbox.purge([entry.id]) == []
+    for _ in range(5):
+        clock.now += 120
+        outbox.failed(outbox.due()[0], "connect_failed", "still down")
+    (purged,) = outbox.purge([entry.id])
+    assert purged.status == "purged" and purged.payload.read_bytes() == b"package 1"
+    assert purged.payload.parent != outbox.folder
+
+
+def test_dead_letter_by_age(outbox, clock):
+    entry = outbox.enqueue(reply(1), Queued(kind="AVL", numero="A-1-AAAAAAAA"))
+    clock.now += 25 * 3600
+    assert outbox.failed(entry, "timeout", "no answer").status == "dead"
+
+
+def test_a_dead_entry_holds_back_its_dossier_until_purged(outbox, clock):
+    first = outbox.enqueue(reply(1), Queued(kind="Retour", numero="A-1-AAAAAAAA", target_state="recu"))
+    second = outbox.enqueue(reply(2), Queued(kind="Retour", numero="A-1-AAAAAAAA", target_state="clos"))
+    clock.now += 25 * 3600
+    outbox.failed(first, "remote_error", "permission denied")
+    assert outbox.due() == []
+    outbox.purge([first.id])
+    assert [e.id for e in outbox.due()] == [second.id]
+
+
+def test_delivered_archives_the_payload_and_advances_the_dossier(outbox, tmp_path):
+    ledger = outbox.ledger
+    with ledger.transaction() as db:
+        db.execute("INSERT INTO dossiers (numero, demarche, insee, state, received_at, updated_at, message_id, sha256)"
+                   " VALUES ('A-1-AAAAAAAA', 'RCO', '90017', 'transmis', 'x', 'x', 'M0', 'x')")
+    entry = outbox.enqueue(reply(1), Queued(kind="Retour", numero="A-1-AAAAAAAA", target_state="recu"))
+    outbox.delivered(entry)
+    done = outbox.get(entry.id)
+    assert done.status == "delivered" and done.delivered_at
+    assert not entry.payload.exists() and done.payload.read_bytes() == b"package 1"
+    assert ledger.dossier("A-1-AAAAAAAA")["state"] == "recu"
+    assert "state_recu" in [e["kind"] for e in ledger.events("A-1-AAAAAAAA")]
+
+
+def test_orphan_payloads_are_removed(outbox):
+    entry = outbox.enqueue(reply(1), Queued(kind="AVL", numero="A-1-AAAAAAAA"))
+    orphan = outbox.folder / "crashed-before-its-row.zip"
+    orphan.write_bytes(b"x")
+    assert outbox.remove_orphans() == [orphan]
+    assert entry.payload.exists()
