@@ -1,4 +1,4 @@
-"""The ``relayd`` command line: run, demo, check-config, hash-password."""
+"""The ``relayd`` command line: run, demo, check-config, hash-password, return, outbox."""
 
 from __future__ import annotations
 
@@ -31,6 +31,28 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("hash-password", help="read a password on stdin (or prompt) and print its hash for the YAML file")
 
+    p_return = sub.add_parser("return", help="drop a status file for a dossier (for business software that cannot)")
+    p_return.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
+    p_return.add_argument("numero", help="the dossier number, e.g. A-9-X3UGO4V7")
+    p_return.add_argument("--state", required=True, choices=["recu", "clos"])
+    p_return.add_argument("--comment", help="a comment for the citizen")
+    p_return.add_argument("--attach", type=Path, action="append", default=[], help="an attachment (PDF, PNG, JPEG)")
+    p_return.add_argument("--insee", help="the commune, for a dossier this relay never received")
+    p_return.add_argument("--demarche", help="the démarche, for a dossier this relay never received")
+
+    p_outbox = sub.add_parser("outbox", help="see and steer what waits to go to the platform")
+    outbox_sub = p_outbox.add_subparsers(dest="action", required=True)
+    p_list = outbox_sub.add_parser("list", help="pending and dead-letter entries (all with --all)")
+    p_list.add_argument("--all", action="store_true")
+    p_list.add_argument("--json", action="store_true")
+    p_retry = outbox_sub.add_parser("retry", help="send entries again now, with a fresh attempt budget")
+    p_retry.add_argument("ids", type=int, nargs="*")
+    p_retry.add_argument("--dead", action="store_true", help="every dead-letter entry")
+    p_purge = outbox_sub.add_parser("purge", help="abandon dead-letter entries (their files stay in the archive)")
+    p_purge.add_argument("ids", type=int, nargs="+")
+    for p in (p_list, p_retry, p_purge):
+        p.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
+
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.config)
@@ -42,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args.dir, args.port)
     if args.command == "hash-password":
         return _hash_password()
+    if args.command == "return":
+        from relayd.outbound.commands import drop_status
+
+        return drop_status(_load_or_exit(args.config), args.numero, args.state, comment=args.comment,
+                           attachments=args.attach, insee=args.insee, demarche=args.demarche)
+    if args.command == "outbox":
+        from relayd.outbound import commands
+
+        config = _load_or_exit(args.config)
+        if args.action == "list":
+            return commands.outbox_list(config, everything=args.all, as_json=args.json)
+        if args.action == "retry":
+            return commands.outbox_retry(config, args.ids, dead=args.dead)
+        return commands.outbox_purge(config, args.ids)
     return 2
 
 

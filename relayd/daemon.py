@@ -16,6 +16,11 @@ from relayd.fsutil import ensure_dir
 from relayd.inbound.intake import Intake
 from relayd.inbound.server import InboundServer, ServerState, load_host_keys, resolve_auth
 from relayd.ledger import Ledger
+from relayd.outbound.acks import Acknowledger
+from relayd.outbound.delivery import DeliveryWorker
+from relayd.outbound.outbox import Outbox
+from relayd.outbound.returns import ReturnDrops, watch_returns
+from relayd.outbound.watcher import DropWatcher
 
 log = structlog.get_logger("relayd.daemon")
 
@@ -34,22 +39,36 @@ def prepare_storage(config: Config) -> None:
                 leftover.unlink()
     for commune in config.communes:
         ensure_dir(commune.inbox, 0o755)
+        if commune.returns is not None:
+            ensure_dir(commune.returns, 0o755)
+            ensure_dir(commune.rejected_dir, 0o755)
 
 
 async def run(config: Config, *, on_ready: Callable[[InboundServer], Awaitable[None]] | None = None) -> None:
     """Run relayd until SIGTERM or SIGINT."""
     prepare_storage(config)
+    loop = asyncio.get_running_loop()
     ledger = Ledger(config.storage.ledger)
-    intake = Intake(config, ledger)
+    outbox = Outbox.from_config(ledger, config)
+    worker = DeliveryWorker(outbox, config.platform)
+    # Intake and the returns run in worker threads; the delivery worker listens on the loop.
+    outbox.on_enqueue = lambda: loop.call_soon_threadsafe(worker.wake)
+    outbox.remove_orphans()
+    drops = ReturnDrops(config, ledger, outbox)
+    intake = Intake(config, ledger, Acknowledger(config, outbox, drops))
     recovered = await asyncio.to_thread(intake.recover)
     if recovered:
         log.info("startup.recovered", packages=len(recovered))
     state = ServerState(config=config, intake=intake, auth=resolve_auth(config))
     server = InboundServer(state, load_host_keys(config.server.host_keys))
     await server.start()
+    watcher = DropWatcher([c.returns for c in config.communes if c.returns is not None],
+                          settle_seconds=config.returns.settle_seconds, rescan_seconds=config.returns.rescan_seconds)
+    watcher.start()
+    tasks = [asyncio.create_task(worker.run(), name="delivery"),
+             asyncio.create_task(watch_returns(watcher, drops), name="returns")]
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
@@ -60,5 +79,9 @@ async def run(config: Config, *, on_ready: Callable[[InboundServer], Awaitable[N
     finally:
         log.info("relayd.stopping")
         await server.close()
+        watcher.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         ledger.close()
         log.info("relayd.stopped")

@@ -51,7 +51,8 @@ def build_demo(folder: Path, *, port: int = 2222) -> dict[str, Any]:
             "authorized_keys": [public_key],
             "communes": [c["insee"] for c in DEMO_COMMUNES],
         }],
-        "communes": [{**c, "inbox": f"inbox/{c['insee']}"} for c in DEMO_COMMUNES],
+        "communes": [{**c, "inbox": f"inbox/{c['insee']}", "returns": f"retours/{c['insee']}",
+                      "rejected": f"rejected/{c['insee']}"} for c in DEMO_COMMUNES],
         "logging": {"format": "auto", "level": "info"},
     }
     config_path = folder / "relayd.yaml"
@@ -62,6 +63,8 @@ def build_demo(folder: Path, *, port: int = 2222) -> dict[str, Any]:
         "sftp": {"host": "127.0.0.1", "port": port, "username": DEMO_ACCOUNT, "password": password,
                  "private_key": str(key_path)},
         "communes": {c["insee"]: {"inbox": str(folder / "inbox" / c["insee"]), "name": c["name"],
+                                  "returns": str(folder / "retours" / c["insee"]),
+                                  "rejected": str(folder / "rejected" / c["insee"]),
                                   "demarches": c["demarches"], "delivery": c["delivery"]} for c in DEMO_COMMUNES},
     }
 

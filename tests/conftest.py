@@ -84,6 +84,32 @@ class Relay:
     def drop(self, account: str = "plateforme") -> Path:
         return self.root / "var" / "drop" / account
 
+    def returns(self, insee: str = "90017") -> Path:
+        """The commune's return directory, where the business software drops status files."""
+        return self.root / "returns" / insee / "retours"
+
+    def rejected(self, insee: str = "90017") -> list[dict[str, Any]]:
+        """Every reason file in the commune's rejected folder, with the refused file's path."""
+        folder = self.root / "returns" / insee / "rejected"
+        out = []
+        for reason in sorted(folder.glob("*.reason.json")):
+            data = json.loads(reason.read_text())
+            data["_file"] = reason.with_name(reason.name.removesuffix(".reason.json"))
+            out.append(data)
+        return out
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run a ``relayd`` command against this relay's configuration."""
+        command, *rest = args
+        sub = [command, *rest[:1]] if command == "outbox" else [command]
+        rest = rest[1:] if command == "outbox" else rest
+        return subprocess.run([sys.executable, "-m", "relayd", *sub, "-c", str(self.config_path), *rest],
+                              capture_output=True, text=True, timeout=timeout, cwd=self.root)
+
+    def outbox(self) -> list[dict[str, Any]]:
+        """Every outbox row, oldest first."""
+        return self.ledger_rows("SELECT * FROM outbox ORDER BY id")
+
     @property
     def quarantine(self) -> Path:
         return self.root / "var" / "quarantine"
@@ -175,11 +201,15 @@ def relay_config(root: Path, port: int, key: Path, hashes: dict[str, str], **ove
         ],
         "communes": [
             {"insee": "90017", "name": "Test 90017", "inbox": "inbox/90017", "demarches": ["DAUA", "ILE", "RCO"],
-             "delivery": "zip", "file_mode": "0640"},
+             "delivery": "zip", "file_mode": "0640", "returns": "returns/90017/retours",
+             "rejected": "returns/90017/rejected"},
             {"insee": "75056", "name": "Test 75056", "inbox": "inbox/75056", "demarches": ["DAUA", "ILE", "RCO"],
-             "delivery": "extracted", "file_mode": "0640"},
+             "delivery": "extracted", "file_mode": "0640", "returns": "returns/75056/retours",
+             "rejected": "returns/75056/rejected"},
             {"insee": "2A004", "name": "Test 2A004", "inbox": "inbox/2A004", "demarches": ["ILE", "RCO"]},
         ],
+        # Tests drop their files by rename or wait for them; a short settle keeps them quick.
+        "returns": {"settle_seconds": 0.3, "rescan_seconds": 2},
         "logging": {"format": "json", "level": "info"},
     }
     config.update(overrides)

@@ -22,3 +22,14 @@ def test_ci_runs_the_readme_test_command():
     tests = _commands()[1]
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert tests in ci
+
+
+def test_the_status_file_example_is_valid():
+    from relayd.pec.status import read_status_file
+
+    text = (REPO / "README.md").read_text()
+    (example,) = re.findall(r"```xml\n(.+?)\n\s*```", text, flags=re.S)
+    document = "\n".join(line.strip() for line in example.splitlines()).encode()
+    status = read_status_file(document, max_bytes=1 << 20)
+    assert (status.numero, status.state) == ("A-9-X3UGO4V7", "clos")
+    assert [a.file for a in status.attachments] == ["attestation.pdf"]

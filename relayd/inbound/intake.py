@@ -185,6 +185,8 @@ class Intake:
                 deposited_at=package.message.aller.teledemarche.date,
                 inbox_path=str(final),
                 archive_path=str(archived),
+                # Returns are addressed from the Aller's routing long after the package is gone.
+                routing=package.message.header.routing.to_xml(encoding="unicode"),
             )
         except DuplicatePackage:
             # Another worker accepted the same bytes at the same moment: same name, same content.

@@ -1,0 +1,93 @@
+"""The delivery worker: take due outbox entries to the platform's return server, one at a time.
+
+One at a time keeps each dossier's order without any locking, and one connection is
+enough for the volumes of a commune. When the server cannot be reached at all (connection,
+authentication, host key, timeout), every entry due in this round records the failed
+attempt, so that a round means the same thing for each entry and backoff applies to all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from relayd.config import ReturnServer
+from relayd.outbound.outbox import Entry, Outbox
+from relayd.outbound.sftp_client import DeliveryError, ReturnServerClient
+
+log = structlog.get_logger("relayd.delivery")
+
+#: failures that say nothing about the entry itself, only about reaching the server
+SERVER_FAILURES = {"host_key_mismatch", "auth_failed", "connect_failed", "timeout"}
+
+
+class DeliveryWorker:
+    """Deliver due entries until cancelled."""
+
+    def __init__(self, outbox: Outbox, server: ReturnServer | None, *, poll_seconds: float = 5.0):
+        self.outbox = outbox
+        self.server = server
+        self.client = ReturnServerClient(server) if server is not None else None
+        # The CLI can change entries behind our back (retry, purge): look again this often.
+        self.poll_seconds = poll_seconds
+        self._wake = asyncio.Event()
+        #: when the worker last completed a loop (monotonic): a health signal for the watchdog
+        self.last_progress = time.monotonic()
+
+    def wake(self) -> None:
+        """Look at the outbox now (call from the event loop's thread)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        if self.client is None:
+            log.warning("delivery.no_return_server", hint="configure `platform:`; acks and returns wait in the outbox")
+        try:
+            while True:
+                self._wake.clear()
+                if self.client is not None:
+                    await self.deliver_due()
+                self.last_progress = time.monotonic()
+                wait = await asyncio.to_thread(self.outbox.next_attempt_in)
+                timeout = self.poll_seconds if wait is None else min(wait, self.poll_seconds)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.05))
+                except TimeoutError:
+                    pass
+        finally:
+            if self.client is not None:
+                await self.client.close()
+
+    async def deliver_due(self) -> int:
+        """Deliver everything due now, a dossier's next entry as soon as the one before is through."""
+        assert self.client is not None
+        delivered = 0
+        while entries := await asyncio.to_thread(self.outbox.due):
+            progress = False
+            for i, entry in enumerate(entries):
+                try:
+                    await self._deliver(entry)
+                except DeliveryError as exc:
+                    await asyncio.to_thread(self.outbox.failed, entry, exc.code, exc.message)
+                    if exc.code in SERVER_FAILURES:
+                        for rest in entries[i + 1:]:
+                            await asyncio.to_thread(self.outbox.failed, rest, exc.code, exc.message)
+                        return delivered
+                    continue
+                await asyncio.to_thread(self.outbox.delivered, entry)
+                delivered += 1
+                progress = True
+                self.last_progress = time.monotonic()
+            if not progress:
+                break
+        return delivered
+
+    async def _deliver(self, entry: Entry) -> None:
+        assert self.client is not None and self.server is not None
+        if not entry.payload.is_file():
+            raise DeliveryError("payload_missing", f"the local copy {entry.payload} is gone; nothing can be sent")
+        remote_dir = self.server.remote_dir if entry.kind == "Retour" else (self.server.acks_dir or self.server.remote_dir)
+        log.debug("delivery.start", id=entry.id, kind=entry.kind, numero=entry.numero, remote_name=entry.remote_name)
+        await self.client.deliver(entry.payload, entry.remote_name, remote_dir=remote_dir)

@@ -1,0 +1,417 @@
+"""Return drops: what the business software hands back for the platform, checked and queued.
+
+A drop sits in a commune's return directory. It is one of:
+
+- a **status file** (``*.xml``, relayd's format, ``schemas/relayd-statut.xsd``) whose
+  attachments sit beside it, written *before* it;
+- a **zip** holding one status file and its attachments;
+- a **PEC return package** (a zip with ``message.xml`` and a ``Retour`` body), checked and
+  forwarded as it is.
+
+A drop that passes becomes an outbox entry (a ``Retour`` package addressed from the
+dossier's ``Aller`` routing, Sender and Recipient swapped) and moves, with its attachments,
+to the archive. A drop that fails moves to the commune's ``rejected`` folder beside a
+``.reason.json``, and nothing is sent. The same drop twice is queued once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import structlog
+
+from relayd.config import Commune, Config
+from relayd.fsutil import ensure_dir, fsync_dir, publish_file
+from relayd.ledger import STATE_LABELS, Ledger
+from relayd.outbound.outbox import Entry, Outbox, Queued
+from relayd.outbound.watcher import DropWatcher
+from relayd.pec.envelope import Location, Party, Recipients, Routing
+from relayd.pec.replies import Attachment, ReplyPackage, build_retour, read_reply
+from relayd.pec.status import StatusFile, read_status_file
+from relayd.pec.zipcheck import PackageLimits, check_directory, open_zip
+from relayd.rejections import Reason, Rejection
+
+log = structlog.get_logger("relayd.returns")
+
+#: the one move each state allows: transmis → reçu → clos, and clos is final (contract 6)
+NEXT_STATE = {"transmis": "recu", "recu": "clos"}
+
+#: accepted attachment types: the extension, what the content must start with, the MIME type
+ATTACHMENT_TYPES: dict[str, tuple[bytes, str]] = {
+    "pdf": (b"%PDF-", "application/pdf"),
+    "png": (b"\x89PNG\r\n\x1a\n", "image/png"),
+    "jpg": (b"\xff\xd8\xff", "image/jpeg"),
+    "jpeg": (b"\xff\xd8\xff", "image/jpeg"),
+}
+
+#: how long a drop that is ahead of its dossier waits for the drop that should come first
+MAX_DEFER_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class DropOutcome:
+    """What became of one drop."""
+
+    status: Literal["queued", "duplicate", "rejected", "deferred"]
+    numero: str | None = None
+    entry: Entry | None = None
+    rejection: Rejection | None = None
+    location: Path | None = None
+
+
+@dataclass
+class _Drop:
+    """A drop, read: its parts and where they came from."""
+
+    path: Path
+    status: StatusFile | None = None
+    forwarded: bytes | None = None  # a complete PEC return package, sent as it is
+    numero: str | None = None
+    state: str | None = None
+    comment: str | None = None
+    demarche: str | None = None
+    attachments: list[tuple[str, str | None, bytes]] = field(default_factory=list)  # name, title, data
+    companions: list[Path] = field(default_factory=list)  # attachment files beside a status file
+    sha256: str = ""
+
+
+class ReturnDrops:
+    """Check drops against the ledger's dossiers and queue the returns they ask for."""
+
+    def __init__(self, config: Config, ledger: Ledger, outbox: Outbox):
+        self.config = config
+        self.ledger = ledger
+        self.outbox = outbox
+        self._first_deferred: dict[Path, float] = {}
+
+    def commune_for(self, directory: Path) -> Commune | None:
+        """The commune whose return directory this is."""
+        return next((c for c in self.config.communes if c.returns == directory), None)
+
+    # -- one drop --------------------------------------------------------------------
+
+    def process(self, path: Path, commune: Commune, *, others_waiting: bool = False) -> DropOutcome:
+        """Check one complete drop and queue it, or set it aside with a reason. Never raises for bad input."""
+        bound = log.bind(commune=commune.insee, drop=path.name)
+        drop = _Drop(path)
+        try:
+            self._read(drop, commune)
+            bound = bound.bind(numero=drop.numero, state=drop.state)
+            previous = self.outbox.by_source(drop.sha256)
+            if previous is not None:
+                return self._duplicate(drop, previous, bound)
+            dossier = self._dossier(drop, commune)
+            self._check_transition(drop, dossier["requested_state"] or dossier["state"])
+            entry = self._queue(drop, dossier)
+        except _Defer:
+            waited = time.monotonic() - self._first_deferred.setdefault(path, time.monotonic())
+            if others_waiting and waited < MAX_DEFER_SECONDS:
+                bound.info("returns.deferred", reason="an earlier drop of this directory is still settling")
+                return DropOutcome("deferred", drop.numero)
+            self._first_deferred.pop(path, None)
+            return self._reject(drop, commune, self._transition_error(drop), bound)
+        except Rejection as rejection:
+            self._first_deferred.pop(path, None)
+            return self._reject(drop, commune, rejection, bound)
+        except Exception as exc:  # noqa: BLE001 - a drop must never stop the watcher
+            bound.exception("returns.internal_error", error=type(exc).__name__)
+            rejection = Rejection(Reason.INTERNAL_ERROR, f"relayd failed on this drop ({type(exc).__name__}).")
+            return self._reject(drop, commune, rejection, bound)
+        self._first_deferred.pop(path, None)
+        location = self._archive(drop)
+        bound.info("returns.queued", outbox=entry.id, remote_name=entry.remote_name)
+        return DropOutcome("queued", drop.numero, entry, location=location)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _read(self, drop: _Drop, commune: Commune) -> None:
+        limits = self.config.returns
+        size = drop.path.stat().st_size
+        if drop.path.suffix.lower() == ".xml":
+            if size > limits.max_status_bytes:
+                raise Rejection(Reason.XML_TOO_LARGE, f"the status file has {size} bytes; the limit is {limits.max_status_bytes}.")
+            data = drop.path.read_bytes()
+            self._take_status(drop, read_status_file(data, max_bytes=limits.max_status_bytes))
+            digest = hashlib.sha256(data)
+            for attachment in drop.status.attachments:
+                beside = drop.path.parent / attachment.file
+                if not beside.is_file():
+                    raise Rejection(Reason.ATTACHMENT_MISSING,
+                                    f"{attachment.file!r} is not beside the status file; write attachments first.")
+                self._check_size(attachment.file, beside.stat().st_size)
+                content = beside.read_bytes()
+                drop.companions.append(beside)
+                drop.attachments.append((attachment.file, attachment.title, content))
+                digest.update(hashlib.sha256(content).digest())
+            drop.sha256 = digest.hexdigest()
+        else:
+            budget = limits.max_status_bytes + limits.max_attachments * limits.max_attachment_bytes + 1024 * 1024
+            if size > budget:
+                raise Rejection(Reason.ATTACHMENT_TOO_LARGE, f"the zip has {size} bytes; no valid return is that large.")
+            data = drop.path.read_bytes()
+            drop.sha256 = hashlib.sha256(data).hexdigest()
+            self._read_zip(drop, data, budget)
+        self._check_attachments(drop)
+
+    def _read_zip(self, drop: _Drop, data: bytes, budget: int) -> None:
+        zf = open_zip(io.BytesIO(data), label="the return zip")
+        with zf:
+            limits = PackageLimits(max_package_bytes=budget, max_members=self.config.returns.max_attachments + 1,
+                                   max_total_uncompressed_bytes=budget)
+            infos = check_directory(zf, limits, label="the return zip")
+            names = [i.filename for i in infos if not i.is_dir()]
+            if "message.xml" in names:
+                reply = read_reply(data)
+                if reply.kind != "Retour" or reply.retour is None:
+                    raise Rejection(Reason.RETURN_PACKAGE_INVALID, f"the package is an {reply.kind} ack, not a Retour.")
+                drop.forwarded = data
+                drop.numero = reply.retour.numero
+                drop.state = reply.retour.state
+                drop.demarche = reply.retour.demarche
+                drop.attachments = [(name, None, content) for name, content in reply.members.items()]
+                return
+            statuses = [n for n in names if n.lower().endswith(".xml")]
+            if len(statuses) != 1:
+                raise Rejection(Reason.STATUS_INVALID,
+                                f"a return zip holds exactly one status file (.xml); this one holds {len(statuses)}.")
+            info = {i.filename: i for i in infos}
+            status_info = info[statuses[0]]
+            if status_info.file_size > self.config.returns.max_status_bytes:
+                raise Rejection(Reason.XML_TOO_LARGE, f"{statuses[0]!r} is larger than a status file may be.")
+            self._take_status(drop, read_status_file(zf.read(status_info), max_bytes=self.config.returns.max_status_bytes))
+            listed = {a.file for a in drop.status.attachments}
+            for name in names:
+                if name != statuses[0] and name not in listed:
+                    raise Rejection(Reason.STATUS_INVALID, f"the zip holds {name!r}, which the status file does not list.")
+            for attachment in drop.status.attachments:
+                if attachment.file not in info:
+                    raise Rejection(Reason.ATTACHMENT_MISSING, f"{attachment.file!r} is not in the zip.")
+                self._check_size(attachment.file, info[attachment.file].file_size)
+                drop.attachments.append((attachment.file, attachment.title, zf.read(info[attachment.file])))
+
+    @staticmethod
+    def _take_status(drop: _Drop, status: StatusFile) -> None:
+        drop.status = status
+        drop.numero = status.numero
+        drop.state = status.state
+        drop.comment = status.comment
+        drop.demarche = status.demarche
+
+    def _check_size(self, name: str, size: int) -> None:
+        limit = self.config.returns.max_attachment_bytes
+        if size > limit:
+            raise Rejection(Reason.ATTACHMENT_TOO_LARGE,
+                            f"{name!r} has {size} bytes; the platform accepts at most {limit} ({limit // 1024} Ko).")
+
+    def _check_attachments(self, drop: _Drop) -> None:
+        limits = self.config.returns
+        if len(drop.attachments) > limits.max_attachments:
+            raise Rejection(Reason.TOO_MANY_ATTACHMENTS,
+                            f"the return carries {len(drop.attachments)} attachments; the limit is {limits.max_attachments}.")
+        allowed = [t.lower().lstrip(".") for t in limits.attachment_types]
+        for name, _, content in drop.attachments:
+            self._check_size(name, len(content))
+            ext = PurePosixPath(name).suffix.lower().lstrip(".")
+            if ext not in allowed or ext not in ATTACHMENT_TYPES:
+                raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r}: the accepted types are {', '.join(allowed)}.")
+            magic, _ = ATTACHMENT_TYPES[ext]
+            if not content.startswith(magic):
+                raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} is named .{ext} but its content is not {ext.upper()}.")
+
+    # -- checking against the ledger -------------------------------------------------
+
+    def _dossier(self, drop: _Drop, commune: Commune) -> sqlite3.Row:
+        assert drop.numero is not None
+        dossier = self.ledger.dossier(drop.numero)
+        if dossier is None:
+            if not commune.allow_unknown_dossiers:
+                raise Rejection(Reason.DOSSIER_UNKNOWN, f"this relay never received dossier {drop.numero}.")
+            return self._adopt(drop, commune)
+        if dossier["insee"] != commune.insee:
+            raise Rejection(Reason.RETURN_WRONG_COMMUNE,
+                            f"dossier {drop.numero} belongs to commune {dossier['insee']}, not {commune.insee}.")
+        return dossier
+
+    def _adopt(self, drop: _Drop, commune: Commune) -> sqlite3.Row:
+        """Record a dossier the relay never saw, as the configuration allows, to follow its states."""
+        if not drop.demarche:
+            raise Rejection(Reason.STATUS_INVALID,
+                            f"dossier {drop.numero} is unknown here: the status file must give its NumeroDemarche.")
+        routing = _routing_for_unknown(drop.demarche, commune)
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        with self.ledger.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO dossiers (numero, demarche, insee, state, received_at, updated_at, message_id,"
+                " sha256, routing) VALUES (?, ?, ?, 'transmis', ?, ?, '', '', ?)",
+                (drop.numero, drop.demarche, commune.insee, now, now, routing.to_xml(encoding="unicode")),
+            )
+            Ledger.event(db, drop.numero, "adopted", "a return for a dossier this relay never received (allowed here)")
+        dossier = self.ledger.dossier(drop.numero)
+        assert dossier is not None
+        return dossier
+
+    def _check_transition(self, drop: _Drop, current: str) -> None:
+        if NEXT_STATE.get(current) == drop.state:
+            return
+        # "clos" while "reçu" is still settling in the same folder: wait for it rather than refuse.
+        if current == "transmis" and drop.state == "clos":
+            raise _Defer(current)
+        raise self._transition_error(drop, current)
+
+    def _transition_error(self, drop: _Drop, current: str | None = None) -> Rejection:
+        if current is None:
+            dossier = self.ledger.dossier(drop.numero or "")
+            current = (dossier["requested_state"] or dossier["state"]) if dossier else "transmis"
+        wanted = STATE_LABELS.get(drop.state or "", drop.state)
+        if current == "clos":
+            detail = f"dossier {drop.numero} is closed (\"{STATE_LABELS['clos']}\"); it takes no further state."
+        else:
+            detail = (f"dossier {drop.numero} is at \"{STATE_LABELS[current]}\"; it can move only to "
+                      f"\"{STATE_LABELS[NEXT_STATE[current]]}\", not to \"{wanted}\".")
+        return Rejection(Reason.TRANSITION_INVALID, detail)
+
+    # -- queueing --------------------------------------------------------------------
+
+    def _queue(self, drop: _Drop, dossier: sqlite3.Row) -> Entry:
+        routing = Routing.from_xml(dossier["routing"])
+        if drop.forwarded is not None:
+            reply = ReplyPackage(
+                message_id=_forwarded_message_id(drop.forwarded), kind="Retour", data=drop.forwarded,
+                name=_forwarded_name(drop, dossier["demarche"]),
+            )
+        else:
+            attachments = [Attachment(name=name, data=data, media_type=ATTACHMENT_TYPES[PurePosixPath(name).suffix.lower()
+                                      .lstrip(".")][1], title=title) for name, title, data in drop.attachments]
+            reply = build_retour(routing, numero=drop.numero, demarche=dossier["demarche"], state=drop.state,
+                                 comment=drop.comment, attachments=attachments)
+        return self.queue_retour(reply, dossier["numero"], drop.state, ref_message_id=dossier["message_id"] or None,
+                                 source_sha256=drop.sha256, source=drop.path.name)
+
+    def queue_retour(self, reply: ReplyPackage, numero: str, state: str, *, ref_message_id: str | None,
+                     source_sha256: str | None, source: str) -> Entry:
+        """Queue a Retour and move the dossier's requested state, in one transaction.
+
+        The transition is checked again inside the transaction, so two writers (a drop and the
+        automatic receipt) cannot both move the same dossier.
+        """
+
+        def advance(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT state, requested_state FROM dossiers WHERE numero = ?", (numero,)).fetchone()
+            current = row["requested_state"] or row["state"]
+            if NEXT_STATE.get(current) != state:
+                raise Rejection(Reason.TRANSITION_INVALID, f"dossier {numero} moved to {current} meanwhile.")
+            db.execute("UPDATE dossiers SET requested_state = ? WHERE numero = ?", (state, numero))
+
+        queued = Queued(kind="Retour", numero=numero, ref_message_id=ref_message_id, target_state=state,
+                        source_sha256=source_sha256, source=source)
+        return self.outbox.enqueue(reply, queued, also=advance)
+
+    def auto_receipt(self, numero: str) -> Entry | None:
+        """Queue "reçu" for a dossier just handed over, if nothing has moved it yet."""
+        dossier = self.ledger.dossier(numero)
+        if dossier is None or dossier["state"] != "transmis" or dossier["requested_state"] is not None:
+            return None
+        reply = build_retour(Routing.from_xml(dossier["routing"]), numero=numero, demarche=dossier["demarche"],
+                             state="recu", comment=None, attachments=[])
+        try:
+            return self.queue_retour(reply, numero, "recu", ref_message_id=dossier["message_id"],
+                                     source_sha256=None, source="auto_receipt")
+        except Rejection:
+            return None  # a drop moved it first
+
+    # -- settling the drop -----------------------------------------------------------
+
+    def _duplicate(self, drop: _Drop, previous: Entry, bound) -> DropOutcome:
+        location = self._archive(drop)
+        self.ledger.record_event(drop.numero, "return_redropped",
+                                 f"{drop.path.name} was already queued as outbox #{previous.id}; not sent again")
+        bound.info("returns.duplicate", outbox=previous.id)
+        return DropOutcome("duplicate", drop.numero, previous, location=location)
+
+    def _archive(self, drop: _Drop) -> Path:
+        folder = ensure_dir(self.config.storage.archive / "returns" / datetime.now(UTC).strftime("%Y/%m"))
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        target = folder / f"{stamp}-{drop.path.name}"
+        for companion in drop.companions:
+            if companion.exists():
+                publish_file(companion, folder / f"{stamp}-{companion.name}", mode=0o600, move=True)
+        publish_file(drop.path, target, mode=0o600, move=True)
+        fsync_dir(drop.path.parent)
+        return target
+
+    def _reject(self, drop: _Drop, commune: Commune, rejection: Rejection, bound) -> DropOutcome:
+        folder = commune.rejected_dir
+        assert folder is not None
+        ensure_dir(folder, 0o755)
+        when = datetime.now(UTC)
+        stamp = when.strftime("%Y%m%dT%H%M%S")
+        target = folder / f"{stamp}-{drop.path.name}"
+        reason = {
+            **rejection.as_dict(),
+            "rejected_at": when.isoformat(timespec="seconds"),
+            "drop": drop.path.name,
+            "numero": drop.numero,
+            "state": drop.state,
+            "attachments": [c.name for c in drop.companions],
+            "sent": False,
+        }
+        # The reason first: whoever finds the refused drop finds why beside it.
+        reason_path = folder / f"{target.name}.reason.json"
+        reason_path.write_text(json.dumps(reason, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for companion in drop.companions:
+            if companion.exists():
+                publish_file(companion, folder / f"{stamp}-{companion.name}", mode=commune.mode, move=True)
+        if drop.path.exists():
+            publish_file(drop.path, target, mode=commune.mode, move=True)
+        fsync_dir(folder)
+        if drop.numero and self.ledger.dossier(drop.numero) is not None:
+            self.ledger.record_event(drop.numero, "return_rejected", f"{drop.path.name}: {rejection.reason.value}: {rejection.detail}")
+        bound.warning("returns.rejected", code=rejection.reason.value, reason=rejection.detail, moved_to=str(target))
+        return DropOutcome("rejected", drop.numero, rejection=rejection, location=target)
+
+
+class _Defer(Exception):
+    """The drop is ahead of its dossier; another drop may bring the missing step."""
+
+
+def _routing_for_unknown(demarche: str, commune: Commune) -> Routing:
+    """A routing for a dossier the relay never received: the platform's service as the sender."""
+    return Routing(
+        message_id="",
+        flow_type=demarche,
+        sender=Party(country="FR", location=Location(service=demarche)),
+        recipients=Recipients(recipients=[Party(country="FR", location=Location(service=commune.insee))]),
+    )
+
+
+def _forwarded_message_id(data: bytes) -> str:
+    return read_reply(data).message_id
+
+
+def _forwarded_name(drop: _Drop, demarche: str) -> str:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H_%M_%S")
+    return f"relayd.{stamp}.{drop.numero}-{demarche}.Retour.{drop.sha256[:12]}.zip"
+
+
+async def watch_returns(watcher: DropWatcher, drops: ReturnDrops) -> None:
+    """Process drops as the watcher finds them, until cancelled."""
+    while True:
+        batch = await watcher.next_batch()
+        for i, path in enumerate(batch):
+            commune = drops.commune_for(path.parent)
+            if commune is None:
+                continue
+            # A drop later in this batch, or one still settling, may be the step this one needs first.
+            others = watcher.waiting_in(path.parent, path) or any(p.parent == path.parent for p in batch[i + 1:])
+            outcome = await asyncio.to_thread(drops.process, path, commune, others_waiting=others)
+            if outcome.status == "deferred":
+                watcher.release(path, after=max(watcher.settle_seconds, 0.5))
