@@ -98,7 +98,16 @@ def _check_config(path: Path) -> int:
     except ConfigError as exc:
         print(f"relayd: invalid configuration\n{path}: {exc}", file=sys.stderr)
         return 2
-    print(f"{path}: OK ({len(config.accounts)} account(s), {len(config.communes)} commune(s))")
+    if config.platform is not None:
+        from relayd.outbound.sftp_client import DeliveryError, ReturnServerClient
+
+        try:
+            ReturnServerClient(config.platform).check_settings()
+        except DeliveryError as exc:
+            print(f"relayd: invalid configuration\n{path}: platform: {exc.message}", file=sys.stderr)
+            return 2
+    print(f"{path}: OK ({len(config.accounts)} account(s), {len(config.communes)} commune(s), "
+          f"return server {'configured' if config.platform else 'not configured: acks and returns wait in the outbox'})")
     return 0
 
 

@@ -27,10 +27,54 @@ def _minimal(tmp_path: Path) -> dict:
     }
 
 
-def test_example_config_is_valid():
-    result = _check(REPO / "config" / "relayd.example.yaml")
+def test_example_config_is_valid(tmp_path):
+    # The example names a key file under /etc/relayd; check-config reads it, so give it a real one.
+    from conftest import write_key_pair
+
+    key = write_key_pair(tmp_path, "platform_ed25519")
+    text = (REPO / "config" / "relayd.example.yaml").read_text().replace("/etc/relayd/platform_ed25519", str(key))
+    path = tmp_path / "relayd.yaml"
+    path.write_text(text)
+    result = _check(path)
     assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
+    assert "OK" in result.stdout and "return server configured" in result.stdout
+
+
+def test_check_config_reads_the_return_server_key(tmp_path):
+    config = _minimal(tmp_path)
+    config["platform"] = {"host": "127.0.0.1", "username": "c", "private_key": "missing_key",
+                          "host_key_fingerprints": ["SHA256:" + "A" * 43]}
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _check(path)
+    assert result.returncode == 2
+    assert "platform: cannot load the private key" in result.stderr and "missing_key" in result.stderr
+
+
+_PLATFORM = {"host": "127.0.0.1", "username": "c", "private_key": "k", "host_key_fingerprints": ["SHA256:" + "A" * 43]}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(platform={**_PLATFORM, "host_key_fingerprints": []}), "pin the server's host key"),
+        (lambda c: c.update(platform={**_PLATFORM, "host_key_fingerprints": ["MD5:aa:bb"]}),
+         "platform.host_key_fingerprints"),
+        (lambda c: c.update(platform={**_PLATFORM, "password_file": "p"}), "exactly one of private_key"),
+        (lambda c: c["communes"].append({"insee": "75056", "name": "Y", "inbox": "inbox2", "demarches": ["ILE"],
+                                         "returns": "same"}) or c["communes"][0].update(returns="same"),
+         "share a return directory"),
+        (lambda c: c["communes"][0].update(returns="inbox"), "communes.0.returns"),
+    ],
+)
+def test_return_path_settings_are_checked(tmp_path, edit, message):
+    config = _minimal(tmp_path)
+    edit(config)
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _check(path)
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,11 @@ class DeliveryWorker:
             while True:
                 self._wake.clear()
                 if self.client is not None:
-                    await self.deliver_due()
+                    try:
+                        await self.deliver_due()
+                    except Exception as exc:  # noqa: BLE001 - the worker outlives any one surprise
+                        log.exception("delivery.round_failed", error=type(exc).__name__)
+                        await asyncio.sleep(self.poll_seconds)
                 self.last_progress = time.monotonic()
                 wait = await asyncio.to_thread(self.outbox.next_attempt_in)
                 timeout = self.poll_seconds if wait is None else min(wait, self.poll_seconds)

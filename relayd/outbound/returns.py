@@ -122,6 +122,10 @@ class ReturnDrops:
         except Rejection as rejection:
             self._first_deferred.pop(path, None)
             return self._reject(drop, commune, rejection, bound)
+        except sqlite3.IntegrityError:
+            # The outbox keys replies by MessageId: a forwarded package may not reuse one.
+            rejection = Rejection(Reason.RETURN_PACKAGE_INVALID, "its MessageId was already used by another return.")
+            return self._reject(drop, commune, rejection, bound)
         except Exception as exc:  # noqa: BLE001 - a drop must never stop the watcher
             bound.exception("returns.internal_error", error=type(exc).__name__)
             rejection = Rejection(Reason.INTERNAL_ERROR, f"relayd failed on this drop ({type(exc).__name__}).")
@@ -405,13 +409,22 @@ def _forwarded_name(drop: _Drop, demarche: str) -> str:
 async def watch_returns(watcher: DropWatcher, drops: ReturnDrops) -> None:
     """Process drops as the watcher finds them, until cancelled."""
     while True:
-        batch = await watcher.next_batch()
-        for i, path in enumerate(batch):
-            commune = drops.commune_for(path.parent)
-            if commune is None:
-                continue
-            # A drop later in this batch, or one still settling, may be the step this one needs first.
-            others = watcher.waiting_in(path.parent, path) or any(p.parent == path.parent for p in batch[i + 1:])
-            outcome = await asyncio.to_thread(drops.process, path, commune, others_waiting=others)
-            if outcome.status == "deferred":
-                watcher.release(path, after=max(watcher.settle_seconds, 0.5))
+        try:
+            await _process_batch(watcher, drops)
+        except Exception as exc:  # noqa: BLE001 - the watcher outlives any one surprise
+            log.exception("returns.batch_failed", error=type(exc).__name__)
+            await asyncio.sleep(watcher.rescan_seconds)
+
+
+async def _process_batch(watcher: DropWatcher, drops: ReturnDrops) -> None:
+    """Wait for complete drops and process them, oldest first."""
+    batch = await watcher.next_batch()
+    for i, path in enumerate(batch):
+        commune = drops.commune_for(path.parent)
+        if commune is None:
+            continue
+        # A drop later in this batch, or one still settling, may be the step this one needs first.
+        others = watcher.waiting_in(path.parent, path) or any(p.parent == path.parent for p in batch[i + 1:])
+        outcome = await asyncio.to_thread(drops.process, path, commune, others_waiting=others)
+        if outcome.status == "deferred":
+            watcher.release(path, after=max(watcher.settle_seconds, 0.5))

@@ -332,6 +332,10 @@ class ReturnServerClient:
         key = conn.get_server_host_key()
         return conn, key.get_fingerprint("sha256") if key is not None else "?"
 
+    def check_settings(self) -> None:
+        """Load the credentials and the known_hosts file now, as a connection would; raise DeliveryError if one fails."""
+        self._options()
+
     def _options(self) -> dict[str, Any]:
         """asyncssh.connect() options, with nothing taken from ~/.ssh, an agent or the environment.
 
