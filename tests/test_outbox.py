@@ -145,3 +145,37 @@ def test_orphan_payloads_are_removed(outbox):
     orphan.write_bytes(b"x")
     assert outbox.remove_orphans() == [orphan]
     assert entry.payload.exists()
+
+
+def test_purging_a_return_gives_its_state_back(outbox, clock):
+    ledger = outbox.ledger
+    with ledger.transaction() as db:
+        db.execute("INSERT INTO dossiers (numero, demarche, insee, state, received_at, updated_at, message_id, sha256,"
+                   " requested_state) VALUES ('A-1-AAAAAAAA', 'RCO', '90017', 'transmis', 'x', 'x', 'M0', 'x', 'recu')")
+    entry = outbox.enqueue(reply(1), Queued(kind="Retour", numero="A-1-AAAAAAAA", target_state="recu"))
+    clock.now += 25 * 3600
+    outbox.failed(entry, "remote_error", "refused by the server")
+    outbox.purge([entry.id])
+    # "reçu" never reached the platform, so the business software may send it again.
+    assert ledger.dossier("A-1-AAAAAAAA")["requested_state"] is None
+
+
+def test_a_ledger_from_the_first_release_gains_the_new_columns(tmp_path):
+    import sqlite3 as sql
+
+    path = tmp_path / "old.sqlite"
+    db = sql.connect(path)
+    db.executescript("""
+        CREATE TABLE dossiers (numero TEXT PRIMARY KEY, demarche TEXT NOT NULL, insee TEXT NOT NULL,
+            state TEXT NOT NULL, deposited_at TEXT, received_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+            message_id TEXT NOT NULL, sha256 TEXT NOT NULL, inbox_path TEXT, archive_path TEXT);
+        INSERT INTO dossiers VALUES ('A-1-AAAAAAAA', 'RCO', '90017', 'transmis', NULL, 'x', 'x', 'M0', 'x', NULL, NULL);
+    """)
+    db.close()
+    ledger = Ledger(path)
+    try:
+        row = ledger.dossier("A-1-AAAAAAAA")
+        assert row["routing"] is None and row["requested_state"] is None
+        assert ledger.query("SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 0
+    finally:
+        ledger.close()

@@ -438,3 +438,35 @@ def test_a_return_package_that_skips_a_state_is_refused(linked, tmp_path):
     wait_for(lambda: relay.rejected(), what="the refusal")
     assert relay.rejected()[0]["code"] == "transition_invalid"
     assert len(platform.files()) == 1
+
+
+def test_a_linked_attachment_is_refused(linked, tmp_path):
+    relay, platform = linked
+    (spec,) = specs(1, seed=54)
+    push(relay, [spec], tmp_path)
+    wait_received(platform, 1)
+    secret = tmp_path / "not-for-the-platform.pdf"
+    secret.write_bytes(pdf_bytes(["private"]))
+    (relay.returns() / "attestation.pdf").symlink_to(secret)
+    drop(relay, spec.numero, "recu", raw=write_status_file(StatusFile(
+        numero=spec.numero, state="recu", attachments=[StatusAttachment(file="attestation.pdf")])))
+    wait_for(lambda: relay.rejected(), what="the refusal")
+    assert relay.rejected()[0]["code"] == "attachment_type"
+    assert len(platform.files()) == 1
+
+
+def test_a_dossier_from_before_routing_was_recorded_still_gets_its_return(linked, tmp_path):
+    relay, platform = linked
+    assert sftp_put(relay, REAL_PACKAGE, REAL_PACKAGE.name).returncode == 0
+    wait_received(platform, 1)
+    relay.stop()
+    import sqlite3
+
+    db = sqlite3.connect(relay.ledger_path)
+    db.execute("UPDATE dossiers SET routing = NULL")  # as a ledger written by the first release
+    db.commit()
+    db.close()
+    relay.start()
+    drop(relay, REAL_NUMERO, "recu")
+    replies = wait_received(platform, 2)
+    assert replies[1].kind == "Retour" and replies[1].retour.message_id_origine == REAL_MESSAGE_ID

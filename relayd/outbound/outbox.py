@@ -270,6 +270,13 @@ class Outbox:
                 db.execute("UPDATE outbox SET status = 'purged', payload = ? WHERE id = ? AND status = 'dead'",
                            (str(archived), entry_id))
                 Ledger.event(db, entry.numero, "purged", f"outbox #{entry_id} abandoned by an operator")
+                if entry.target_state is not None:
+                    # The abandoned state will never reach the platform: the next return must carry it again.
+                    latest = db.execute(
+                        "SELECT target_state FROM outbox WHERE numero = ? AND kind = 'Retour' AND status != 'purged'"
+                        " ORDER BY id DESC LIMIT 1", (entry.numero,)).fetchone()
+                    db.execute("UPDATE dossiers SET requested_state = ? WHERE numero = ?",
+                               (latest["target_state"] if latest else None, entry.numero))
             purged.append(self.get(entry_id))
         return purged
 

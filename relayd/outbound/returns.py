@@ -22,6 +22,8 @@ import io
 import json
 import sqlite3
 import time
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -30,13 +32,14 @@ from typing import Literal
 import structlog
 
 from relayd.config import Commune, Config
-from relayd.fsutil import ensure_dir, fsync_dir, publish_file
+from relayd.fsutil import ensure_dir, fsync_dir, publish_file, resolve_gid, write_durably
 from relayd.ledger import STATE_LABELS, Ledger
 from relayd.outbound.outbox import Entry, Outbox, Queued
 from relayd.outbound.watcher import DropWatcher
-from relayd.pec.envelope import Location, Party, Recipients, Routing
+from relayd.pec.envelope import Location, Party, Recipients, Routing, read_envelope
 from relayd.pec.replies import Attachment, ReplyPackage, build_retour, read_reply
 from relayd.pec.status import StatusFile, read_status_file
+from relayd.pec.xml import parse_xml
 from relayd.pec.zipcheck import PackageLimits, check_directory, open_zip
 from relayd.rejections import Reason, Rejection
 
@@ -148,6 +151,9 @@ class ReturnDrops:
             digest = hashlib.sha256(data)
             for attachment in drop.status.attachments:
                 beside = drop.path.parent / attachment.file
+                if beside.is_symlink():
+                    # A link could make relayd send any file it can read to the platform.
+                    raise Rejection(Reason.ATTACHMENT_TYPE, f"{attachment.file!r} is a symbolic link, not a file.")
                 if not beside.is_file():
                     raise Rejection(Reason.ATTACHMENT_MISSING,
                                     f"{attachment.file!r} is not beside the status file; write attachments first.")
@@ -286,7 +292,7 @@ class ReturnDrops:
     # -- queueing --------------------------------------------------------------------
 
     def _queue(self, drop: _Drop, dossier: sqlite3.Row) -> Entry:
-        routing = Routing.from_xml(dossier["routing"])
+        routing = self.routing_of(dossier)
         if drop.forwarded is not None:
             reply = ReplyPackage(
                 message_id=_forwarded_message_id(drop.forwarded), kind="Retour", data=drop.forwarded,
@@ -299,6 +305,23 @@ class ReturnDrops:
                                  comment=drop.comment, attachments=attachments)
         return self.queue_retour(reply, dossier["numero"], drop.state, ref_message_id=dossier["message_id"] or None,
                                  source_sha256=drop.sha256, source=drop.path.name)
+
+    def routing_of(self, dossier: sqlite3.Row) -> Routing:
+        """The routing of the dossier's Aller envelope: from the ledger, or from the archived package.
+
+        Ledgers written before the routing was recorded still have the package in the archive.
+        """
+        if dossier["routing"]:
+            return Routing.from_xml(dossier["routing"])
+        archived = Path(dossier["archive_path"] or "")
+        try:
+            with zipfile.ZipFile(archived) as zf:
+                root = parse_xml(zf.read("message.xml"), name="message.xml")
+            return read_envelope(root).header.routing
+        except (OSError, KeyError, zipfile.BadZipFile, Rejection):
+            raise Rejection(Reason.INTERNAL_ERROR,
+                            f"the envelope of dossier {dossier['numero']} is neither in the ledger nor readable in "
+                            f"the archive ({archived}); its routing is unknown.") from None
 
     def queue_retour(self, reply: ReplyPackage, numero: str, state: str, *, ref_message_id: str | None,
                      source_sha256: str | None, source: str) -> Entry:
@@ -324,7 +347,7 @@ class ReturnDrops:
         dossier = self.ledger.dossier(numero)
         if dossier is None or dossier["state"] != "transmis" or dossier["requested_state"] is not None:
             return None
-        reply = build_retour(Routing.from_xml(dossier["routing"]), numero=numero, demarche=dossier["demarche"],
+        reply = build_retour(self.routing_of(dossier), numero=numero, demarche=dossier["demarche"],
                              state="recu", comment=None, attachments=[])
         try:
             return self.queue_retour(reply, numero, "recu", ref_message_id=dossier["message_id"],
@@ -343,7 +366,7 @@ class ReturnDrops:
 
     def _archive(self, drop: _Drop) -> Path:
         folder = ensure_dir(self.config.storage.archive / "returns" / datetime.now(UTC).strftime("%Y/%m"))
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        stamp = _stamp()
         target = folder / f"{stamp}-{drop.path.name}"
         for companion in drop.companions:
             if companion.exists():
@@ -357,8 +380,9 @@ class ReturnDrops:
         assert folder is not None
         ensure_dir(folder, 0o755)
         when = datetime.now(UTC)
-        stamp = when.strftime("%Y%m%dT%H%M%S")
+        stamp = _stamp()
         target = folder / f"{stamp}-{drop.path.name}"
+        gid = resolve_gid(commune.group)
         reason = {
             **rejection.as_dict(),
             "rejected_at": when.isoformat(timespec="seconds"),
@@ -369,13 +393,14 @@ class ReturnDrops:
             "sent": False,
         }
         # The reason first: whoever finds the refused drop finds why beside it.
-        reason_path = folder / f"{target.name}.reason.json"
-        reason_path.write_text(json.dumps(reason, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # The business software reads this folder: its files get the commune's mode and group.
+        write_durably(folder / f"{target.name}.reason.json",
+                      (json.dumps(reason, indent=2, ensure_ascii=False) + "\n").encode(), mode=commune.mode, gid=gid)
         for companion in drop.companions:
             if companion.exists():
-                publish_file(companion, folder / f"{stamp}-{companion.name}", mode=commune.mode, move=True)
+                publish_file(companion, folder / f"{stamp}-{companion.name}", mode=commune.mode, gid=gid, move=True)
         if drop.path.exists():
-            publish_file(drop.path, target, mode=commune.mode, move=True)
+            publish_file(drop.path, target, mode=commune.mode, gid=gid, move=True)
         fsync_dir(folder)
         if drop.numero and self.ledger.dossier(drop.numero) is not None:
             self.ledger.record_event(drop.numero, "return_rejected", f"{drop.path.name}: {rejection.reason.value}: {rejection.detail}")
@@ -385,6 +410,11 @@ class ReturnDrops:
 
 class _Defer(Exception):
     """The drop is ahead of its dossier; another drop may bring the missing step."""
+
+
+def _stamp() -> str:
+    """A file-name prefix that sorts by time and never repeats, so nothing set aside is overwritten."""
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def _routing_for_unknown(demarche: str, commune: Commune) -> Routing:
