@@ -68,7 +68,7 @@ from relayd.ledger import STATE_LABELS
 from relayd.pec.envelope import NS_PEC, NUMERO_PATTERN, Party, Recipients, Routing
 from relayd.pec.package import ENVELOPE_NAME
 from relayd.pec.status import describe_element, explain_schema_errors, explain_validation_error
-from relayd.pec.xml import load_schema, parse_xml
+from relayd.pec.xml import XML_UNSAFE_CHARS, free_text, load_schema, parse_xml
 from relayd.pec.zipcheck import PackageLimits, check_directory, open_zip, stream_member
 from relayd.rejections import Reason, Rejection
 
@@ -100,7 +100,6 @@ _MEMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,199}")
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+\-]{0,63}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+\-]{0,126}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
 
 #: What a value must look like, per element, for the messages of :func:`read_reply`.
@@ -248,11 +247,7 @@ class RetourAttachment(_Retour, tag="PieceJointe"):
     @field_validator("title")
     @classmethod
     def _title(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        if len(value) > MAX_TITLE_CHARS or _CONTROL.search(value):
-            raise ValueError(f"Intitule must be at most {MAX_TITLE_CHARS} characters of text")
-        return value
+        return free_text(value, label="Intitule", limit=MAX_TITLE_CHARS)
 
 
 class RetourBody(_Retour, tag="Retour"):
@@ -291,13 +286,8 @@ class RetourBody(_Retour, tag="Retour"):
     @field_validator("comment")
     @classmethod
     def _comment(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        if len(value) > MAX_COMMENT_CHARS:
-            raise ValueError(f"Commentaire is {len(value)} characters long; the limit is {MAX_COMMENT_CHARS}")
-        if _CONTROL.search(value):
-            raise ValueError("Commentaire holds a control character, which XML cannot carry")
-        return value
+        # An empty <Commentaire/> is how some software says "no comment".
+        return free_text(value, label="Commentaire", limit=MAX_COMMENT_CHARS)
 
     @property
     def state(self) -> Literal["recu", "clos"]:
@@ -502,7 +492,7 @@ def _origin(original: Routing) -> str:
 
 
 def _motif(detail: str) -> str:
-    text = _CONTROL.sub(" ", detail).strip() or "refused"
+    text = XML_UNSAFE_CHARS.sub(" ", detail).strip() or "refused"
     return text if len(text) <= MAX_MOTIF_CHARS else text[: MAX_MOTIF_CHARS - 1] + "…"
 
 

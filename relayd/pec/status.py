@@ -32,7 +32,7 @@ from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic_xml import BaseXmlModel, attr, element
 
 from relayd.pec.envelope import NUMERO_PATTERN
-from relayd.pec.xml import load_schema, local_name, parse_xml
+from relayd.pec.xml import free_text, load_schema, local_name, parse_xml
 from relayd.rejections import Reason, Rejection
 
 STATUT_NS = "urn:relayd:statut:1"
@@ -49,7 +49,6 @@ _PLAIN_FILE_NAME = re.compile(r"[^/\\:\x00-\x1f\x7f-\x9f]*[^/\\:.\x00-\x1f\x7f-\
 _DEMARCHE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _INSEE = re.compile(r"[0-9][0-9AB][0-9]{3}")
 # XML 1.0 cannot carry these at all; say so instead of failing in lxml.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 #: What each element of a status file must look like, for the messages of a pattern failure.
 STATUS_HINTS: Mapping[str, str] = {
@@ -80,11 +79,7 @@ class StatusAttachment(_Statut, tag="PieceJointe"):
     @field_validator("title")
     @classmethod
     def _title(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        if len(value) > MAX_TITLE_CHARS or _CONTROL.search(value):
-            raise ValueError(f"Intitule must be at most {MAX_TITLE_CHARS} characters of text")
-        return value
+        return free_text(value, label="Intitule", limit=MAX_TITLE_CHARS)
 
 
 class StatusFile(_Statut, tag="Statut"):
@@ -115,13 +110,7 @@ class StatusFile(_Statut, tag="Statut"):
     @classmethod
     def _comment(cls, value: str | None) -> str | None:
         # An empty <Commentaire/> is how some software says "no comment".
-        if not value:
-            return None
-        if len(value) > MAX_COMMENT_CHARS:
-            raise ValueError(f"Commentaire is {len(value)} characters long; the limit is {MAX_COMMENT_CHARS}")
-        if _CONTROL.search(value):
-            raise ValueError("Commentaire holds a control character, which XML cannot carry")
-        return value
+        return free_text(value, label="Commentaire", limit=MAX_COMMENT_CHARS)
 
     @field_validator("demarche", "insee", mode="before")
     @classmethod

@@ -146,3 +146,21 @@ def _check_schema_locations(path: Path, *, seen: set[Path]) -> None:
         if not _PLAIN_XSD_NAME.fullmatch(location):
             raise ValueError(f"{path.name} refers to {location!r}; a schema may only refer to a file beside it.")
         _check_schema_locations(path.parent / location, seen=seen)
+
+
+#: characters that XML 1.0 cannot carry, even escaped
+XML_UNSAFE_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def free_text(value: str | None, *, label: str, limit: int) -> str | None:
+    """Check a free-text field of relayd's own formats: empty means absent; bounded; XML-safe.
+
+    Raises ValueError with a sentence naming ``label``, for pydantic validators.
+    """
+    if not value:
+        return None
+    if len(value) > limit:
+        raise ValueError(f"{label} is {len(value)} characters long; the limit is {limit}")
+    if XML_UNSAFE_CHARS.search(value):
+        raise ValueError(f"{label} holds a control character, which XML cannot carry")
+    return value
