@@ -19,6 +19,15 @@ def _check(path: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+def _check_edited(tmp_path: Path, edit) -> subprocess.CompletedProcess:
+    """check-config on the minimal configuration after ``edit`` changed it."""
+    config = _minimal(tmp_path)
+    edit(config)
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return _check(path)
+
+
 def _minimal(tmp_path: Path) -> dict:
     return {
         "storage": {"root": "var"},
@@ -68,11 +77,7 @@ _PLATFORM = {"host": "127.0.0.1", "username": "c", "private_key": "k", "host_key
     ],
 )
 def test_return_path_settings_are_checked(tmp_path, edit, message):
-    config = _minimal(tmp_path)
-    edit(config)
-    path = tmp_path / "relayd.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = _check(path)
+    result = _check_edited(tmp_path, edit)
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
 
@@ -91,13 +96,9 @@ def test_return_path_settings_are_checked(tmp_path, edit, message):
     ],
 )
 def test_check_config_names_the_key_path(tmp_path, edit, key_path):
-    config = _minimal(tmp_path)
-    edit(config)
-    path = tmp_path / "relayd.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = _check(path)
+    result = _check_edited(tmp_path, edit)
     assert result.returncode == 2
-    assert f"{path}: {key_path}" in result.stderr
+    assert f"{tmp_path / 'relayd.yaml'}: {key_path}" in result.stderr
     assert "hunter2" not in result.stderr  # a mistaken clear password is not echoed back
 
 
