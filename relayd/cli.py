@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="build a self-contained demo setup on loopback and run it")
     p_demo.add_argument("--dir", type=Path, default=Path("demo"))
     p_demo.add_argument("--port", type=int, default=2222, help="0 picks a free port (written to demo.json)")
+    p_demo.add_argument("--platform-port", type=int, default=2223,
+                        help="the simulated platform's return server (0 picks a free port)")
 
     sub.add_parser("hash-password", help="read a password on stdin (or prompt) and print its hash for the YAML file")
 
@@ -53,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     for p in (p_list, p_retry, p_purge):
         p.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
 
+    from relayd.testkit.cli import register as register_testkit
+
+    register_testkit(sub)
+
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.config)
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config.logging.format, config.logging.level)
         return _run(config)
     if args.command == "demo":
-        return _demo(args.dir, args.port)
+        return _demo(args.dir, args.port, args.platform_port)
     if args.command == "hash-password":
         return _hash_password()
     if args.command == "return":
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "retry":
             return commands.outbox_retry(config, args.ids, dead=args.dead)
         return commands.outbox_purge(config, args.ids)
+    if args.command == "testkit":
+        from relayd.testkit.cli import run as run_testkit
+
+        return run_testkit(args)
     return 2
 
 
@@ -121,18 +131,37 @@ def _run(config: Config, on_ready=None) -> int:
     return 0
 
 
-def _demo(folder: Path, port: int) -> int:
-    from relayd.demo import build_demo, write_demo_json
+def _demo(folder: Path, port: int, platform_port: int) -> int:
+    from relayd import daemon
+    from relayd.demo import build_demo, relay_client_key, write_demo_json
+    from relayd.testkit.platform import ReturnServer
 
-    info = build_demo(folder, port=port)
-    config = _load_or_exit(Path(info["config"]))
-    configure_logging(config.logging.format, config.logging.level)
+    async def main() -> None:
+        key = relay_client_key(folder)
+        platform = ReturnServer(folder.resolve() / "platform", port=platform_port,
+                                authorized_keys=[key.with_name(key.name + ".pub").read_text().strip()])
+        await platform.start()
+        info = build_demo(folder, port=port, platform=platform.relay_settings(key))
+        config = _load_or_exit(Path(info["config"]))
+        configure_logging(config.logging.format, config.logging.level)
 
-    async def ready(server) -> None:
-        path = write_demo_json(folder, info, server.port)
-        print(f"relayd demo listening on 127.0.0.1:{server.port}; details in {path}", file=sys.stderr, flush=True)
+        async def ready(server) -> None:
+            where = {"received": str(platform.received), "host": platform.host, "port": platform.port,
+                     "username": platform.username, "host_key_fingerprint": platform.fingerprint}
+            path = write_demo_json(folder, info, server.port, where)
+            print(f"relayd demo listening on 127.0.0.1:{server.port}; the platform receives in {platform.received}; "
+                  f"details in {path}", file=sys.stderr, flush=True)
 
-    return _run(config, on_ready=ready)
+        try:
+            await daemon.run(config, on_ready=ready)
+        finally:
+            await platform.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _hash_password() -> int:

@@ -244,6 +244,33 @@ def relay(make_relay) -> Relay:
     return make_relay()
 
 
+@dataclass
+class Demo:
+    """A ``relayd demo`` process, started as a newcomer would, on free ports."""
+
+    folder: Path
+    info: dict[str, Any]
+    proc: subprocess.Popen
+    log_path: Path
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Demo]:
+    folder = tmp_path / "demo"
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "relayd", "demo", "--dir", str(folder), "--port", "0",
+                                 "--platform-port", "0"], stdout=log, stderr=subprocess.STDOUT)
+    info_path = folder / "demo.json"
+    try:
+        wait_for(lambda: info_path.exists() or proc.poll() is not None, timeout=30, what="demo.json")
+        assert proc.poll() is None, log_path.read_text()
+        yield Demo(folder, json.loads(info_path.read_text()), proc, log_path)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # -- clients -------------------------------------------------------------------------
 
 

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import paramiko
-import pytest
 
 from conftest import REAL_PACKAGE, require_program
 
 
-@pytest.fixture
-def demo(tmp_path: Path):
-    folder = tmp_path / "demo"
-    log = open(tmp_path / "demo.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "relayd", "demo", "--dir", str(folder), "--port", "0"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    info_path = folder / "demo.json"
-    deadline = time.monotonic() + 30
-    while not info_path.exists():
-        assert proc.poll() is None, (tmp_path / "demo.log").read_text()
-        assert time.monotonic() < deadline, "demo.json never appeared"
-        time.sleep(0.05)
-    yield json.loads(info_path.read_text()), proc, tmp_path / "demo.log"
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
 def test_demo_describes_itself_and_accepts_the_real_package(demo):
-    info, proc, log = demo
+    info, log = demo.info, demo.log_path
     sftp = info["sftp"]
     assert sftp["host"] == "127.0.0.1" and sftp["port"] > 0
     assert Path(info["config"]).exists()

@@ -1,0 +1,115 @@
+"""The platform simulator, against a real demo relay, and its report's judgement on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+from relayd.pec.envelope import Routing
+from relayd.pec.replies import build_ack, build_retour
+from relayd.rejections import Reason, Rejection
+from relayd.testkit.platform import Sent, check_received, generate
+
+
+def platform_cmd(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relayd", "testkit", "platform", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_platform_against_the_demo_reports_every_ack_and_return(demo):
+    folder, info = demo.folder, demo.info
+    result = platform_cmd("--demo", str(folder), "--count", "10", "--seed", "5", "--broken", "document-missing",
+                          "--broken", "unknown-demarche", "--broken", "not-a-zip", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report["sent"] == 13 and report["accepted"] == 10 and report["refused"] == 3
+    assert report["avl"] == report["expected_avl"] == 10
+    # document-missing and unknown-demarche can be addressed; not-a-zip cannot.
+    assert report["anl"] == report["expected_anl"] == 2
+    # 75056 sends "reçu" by itself in the demo: half of the packages went there.
+    assert report["retours"] == {"recu": 5} and report["expected_retours"] == 5
+    assert report["invalid"] == [] and report["unexpected"] == [] and report["missing"] == []
+    assert Path(info["platform"]["received"]).is_dir()
+
+
+def test_a_status_file_written_by_hand_reaches_the_simulator(demo):
+    folder, info = demo.folder, demo.info
+    pushed = platform_cmd("--demo", str(folder), "--count", "1", "--insee", "90017", "--seed", "9", "--json")
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    inbox = Path(info["communes"]["90017"]["inbox"])
+    (package,) = list(inbox.iterdir())
+    numero = package.name.split("-RCO")[0].split("-ILE")[0]
+    # What docs/formats.md tells an editor to write, by hand, then rename into the return folder.
+    status = f"""<?xml version="1.0" encoding="UTF-8"?>
+<Statut xmlns="urn:relayd:statut:1" version="1">
+  <NumeroTeledemarche>{numero}</NumeroTeledemarche>
+  <Etat>recu</Etat>
+  <Commentaire>Votre demande est en cours d'instruction.</Commentaire>
+</Statut>
+"""
+    returns = Path(info["communes"]["90017"]["returns"])
+    (returns / ".statut.xml.tmp").write_text(status, encoding="utf-8")
+    os.rename(returns / ".statut.xml.tmp", returns / "statut.xml")
+    received = Path(info["platform"]["received"])
+    wait_for(lambda: any(".Retour." in p.name for p in received.iterdir()), what="the Retour on the simulator")
+    report = platform_cmd("--demo", str(folder), "--count", "0", "--json")
+    assert report.returncode == 0, report.stdout
+    data = json.loads(report.stdout)
+    assert data["retours"] == {"recu": 1} and data["invalid"] == []
+
+
+# --------------------------------------------------------------------------- the report's judgement
+
+
+@pytest.fixture
+def sent_two(tmp_path: Path) -> list[Sent]:
+    plan = generate(tmp_path / "sent", count=2, demarches=["RCO"], insees=["90017"], seed=1)
+    for _, sent in plan:
+        sent.pushed = "accepted"
+    return [s for _, s in plan]
+
+
+def _routing(sent: Sent, tmp_path: Path) -> Routing:
+    import zipfile
+
+    from relayd.pec.envelope import read_envelope
+    from relayd.pec.xml import parse_xml
+
+    with zipfile.ZipFile(tmp_path / "sent" / sent.file) as zf:
+        return read_envelope(parse_xml(zf.read("message.xml"), name="message.xml")).header.routing
+
+
+def test_report_flags_missing_invalid_and_unexpected(tmp_path, sent_two):
+    received = tmp_path / "received"
+    received.mkdir()
+    first, second = sent_two
+    routing = _routing(first, tmp_path)
+    avl = build_ack(routing, kind="AVL", numero=first.numero, demarche=first.demarche)
+    (received / avl.name).write_bytes(avl.data)
+    good = check_received(received, sent_two)
+    assert good.avl == 1 and good.missing == [f"AVL for {second.numero} ({second.file})"]
+    assert not good.ok
+
+    # An ANL for a package that was accepted, a garbage file, and clos before reçu.
+    anl = build_ack(routing, kind="ANL", numero=first.numero, demarche=first.demarche,
+                    rejection=Rejection(Reason.MEMBER_MISSING, "x"))
+    (received / anl.name).write_bytes(anl.data)
+    (received / "garbage.zip").write_bytes(b"not a zip")
+    clos = build_retour(routing, numero=first.numero, demarche=first.demarche, state="clos", comment=None, attachments=[])
+    (received / clos.name).write_bytes(clos.data)
+    time.sleep(0.01)
+    recu = build_retour(routing, numero=first.numero, demarche=first.demarche, state="recu", comment=None, attachments=[])
+    (received / recu.name).write_bytes(recu.data)
+    os.utime(received / recu.name, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    bad = check_received(received, sent_two, expect_retours={first.numero: ["recu", "clos"]})
+    assert [i.split(":")[0] for i in bad.invalid] == ["garbage.zip"]
+    assert any("an ANL" in u and "expected AVL" in u for u in bad.unexpected)
+    assert any("out of order" in u for u in bad.unexpected)
+    assert any("Retour recu then clos" in m for m in bad.missing)
