@@ -22,10 +22,11 @@ from relayd.inbound.passwords import hash_password
 
 DEMO_ACCOUNT = "plateforme"
 DEMO_COMMUNES = [
-    {"insee": "90017", "name": "Commune de démonstration (Territoire de Belfort)", "demarches": ["DAUA", "ILE", "RCO"],
-     "delivery": "zip"},
+    {"insee": "90017", "name": "Commune de démonstration (Territoire de Belfort)",
+     "demarches": ["DAUA", "ILE", "RCO", "RecensementCitoyen"], "delivery": "zip"},
     # Sends "reçu" by itself, so a newcomer sees a Retour arrive without writing anything.
-    {"insee": "75056", "name": "Paris (démonstration)", "demarches": ["ILE", "RCO"], "delivery": "extracted",
+    {"insee": "75056", "name": "Paris (démonstration)", "demarches": ["ILE", "RCO", "RecensementCitoyen"],
+     "delivery": "extracted",
      "auto_receipt": True},
 ]
 
