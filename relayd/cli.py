@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import getpass
+import signal
 import sys
 from pathlib import Path
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     register_testkit(sub)
 
     args = parser.parse_args(argv)
+    # `kill -USR1` prints every thread's stack to stderr (the journal): the first look at a wedged daemon.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "run":

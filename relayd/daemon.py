@@ -53,7 +53,7 @@ async def run(config: Config, *, on_ready: Callable[[InboundServer], Awaitable[N
     worker = DeliveryWorker(outbox, config.platform)
     # Intake and the returns run in worker threads; the delivery worker listens on the loop.
     outbox.on_enqueue = lambda: loop.call_soon_threadsafe(worker.wake)
-    outbox.remove_orphans()
+    outbox.recover()
     drops = ReturnDrops(config, ledger, outbox)
     intake = Intake(config, ledger, Acknowledger(config, outbox, drops))
     recovered = await asyncio.to_thread(intake.recover)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -268,7 +269,14 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
         yield Demo(folder, json.loads(info_path.read_text()), proc, log_path)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # its threads' stacks, into demo.log, to see where it hung
+            time.sleep(1)
+            proc.kill()
+            proc.wait(timeout=30)
+            raise AssertionError(f"relayd demo did not stop on SIGTERM:\n{log_path.read_text()[-6000:]}") from None
 
 
 # -- clients -------------------------------------------------------------------------

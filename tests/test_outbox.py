@@ -139,12 +139,25 @@ def test_delivered_archives_the_payload_and_advances_the_dossier(outbox, tmp_pat
     assert "state_recu" in [e["kind"] for e in ledger.events("A-1-AAAAAAAA")]
 
 
-def test_orphan_payloads_are_removed(outbox):
-    entry = outbox.enqueue(reply(1), Queued(kind="AVL", numero="A-1-AAAAAAAA"))
+def test_recover_removes_orphans_and_finishes_archiving(outbox):
+    waiting = outbox.enqueue(reply(1), Queued(kind="AVL", numero="A-1-AAAAAAAA"))
+    sent = outbox.enqueue(reply(2), Queued(kind="AVL", numero="A-1-BBBBBBBB"))
     orphan = outbox.folder / "crashed-before-its-row.zip"
     orphan.write_bytes(b"x")
-    assert outbox.remove_orphans() == [orphan]
-    assert entry.payload.exists()
+    # A crash after the row said "delivered" and before the file moved to the archive:
+    with outbox.ledger.transaction() as db:
+        db.execute("UPDATE outbox SET status = 'delivered', payload = ? WHERE id = ?",
+                   (str(outbox._archive_path(sent)), sent.id))
+    outbox.recover()
+    assert not orphan.exists()
+    assert waiting.payload.exists()
+    assert outbox.get(sent.id).payload.read_bytes() == b"package 2"
+    assert sorted(p.name for p in outbox.folder.iterdir()) == [waiting.payload.name]
+
+
+def test_a_permanent_failure_goes_to_dead_letter_at_once(outbox):
+    entry = outbox.enqueue(reply(1), Queued(kind="AVL", numero="A-1-AAAAAAAA"))
+    assert outbox.failed(entry, "payload_missing", "gone", permanent=True).status == "dead"
 
 
 def test_purging_a_return_gives_its_state_back(outbox, clock):

@@ -50,15 +50,20 @@ def linked(make_relay, platform):
     return relay, platform
 
 
+def published(platform: PlatformSshd) -> list[str]:
+    """The names the relay has published on the server (an upload in flight is still a .part)."""
+    return [name for name in platform.files() if not name.endswith(".part")]
+
+
 def received(platform: PlatformSshd) -> list[Reply]:
     """Every reply on the platform's side, in the order the server got them."""
-    paths = [platform.incoming / name for name in platform.files()]
+    paths = [platform.incoming / name for name in published(platform)]
     paths.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
     return [read_reply(p.read_bytes()) for p in paths]
 
 
 def wait_received(platform: PlatformSshd, count: int, *, timeout: float = 60) -> list[Reply]:
-    wait_for(lambda: len(platform.files()) >= count, timeout=timeout, what=f"{count} files on the platform")
+    wait_for(lambda: len(published(platform)) >= count, timeout=timeout, what=f"{count} files on the platform")
     return received(platform)
 
 
@@ -127,7 +132,7 @@ def test_real_package_gets_an_avl_with_routing_swapped(linked, tmp_path):
     assert ack.message_id != REAL_MESSAGE_ID
     assert ack.ack.message_id_origine == REAL_MESSAGE_ID
     assert ack.ack.numero == REAL_NUMERO
-    raw = (platform.incoming / platform.files()[0]).read_bytes()
+    raw = (platform.incoming / published(platform)[0]).read_bytes()
     assert_valid_against_schemas(raw)
     with zipfile.ZipFile(io.BytesIO(raw)) as zf:
         assert REAL_MOTDEPASSE.encode() not in zf.read("message.xml")
@@ -150,7 +155,7 @@ def test_readable_rejected_envelope_gets_an_anl_with_the_reason(linked, tmp_path
     assert anl.ack.code == "member_missing"
     assert "not in the package" in anl.ack.motif
     assert anl.ack.numero == "A-1-MISSING01"
-    assert_valid_against_schemas((platform.incoming / platform.files()[0]).read_bytes())
+    assert_valid_against_schemas((platform.incoming / published(platform)[0]).read_bytes())
     assert [r["kind"] for r in relay.outbox()] == ["ANL"]
 
 
@@ -196,7 +201,7 @@ def test_recu_then_clos_with_attestation_arrive_in_order(linked, tmp_path):
     assert (clos.state, clos.label) == ("clos", STATE_LABELS["clos"])
     assert clos.message_id_origine == REAL_MESSAGE_ID
     assert list(replies[2].members.values()) == [attestation]
-    for name in platform.files():
+    for name in published(platform):
         assert_valid_against_schemas((platform.incoming / name).read_bytes())
     wait_for(lambda: relay.ledger_rows("SELECT state FROM dossiers WHERE numero = ?", (REAL_NUMERO,))[0]["state"] == "clos",
              what="the ledger to say clos")
@@ -312,9 +317,11 @@ def test_sigkill_during_deliveries_loses_and_duplicates_nothing(linked, tmp_path
     for i, spec in enumerate(dossiers):
         attestation = pdf_bytes([f"Attestation {i}"], padding=os.urandom(900 * 1024))
         drop(relay, spec.numero, "recu", attachments={f"piece{i}.pdf": attestation})
-    wait_for(lambda: len(platform.files()) >= 14, what="deliveries under way")
-    relay.kill()
-    relay.start()
+    # Three kills at different points of the run, each while deliveries are under way.
+    for threshold in (14, 17, 20):
+        wait_for(lambda: len(platform.files()) >= threshold, what="deliveries under way")
+        relay.kill()
+        relay.start()
     wait_for(lambda: len(relay.outbox()) == 24 and all(r["status"] == "delivered" for r in relay.outbox()),
              timeout=90, what="everything delivered after the restart")
     names = platform.files()
@@ -354,7 +361,7 @@ def test_hundred_status_files_at_once_are_all_picked_up(linked, tmp_path):
         os.rename(staging / f"{spec.numero}.xml", relay.returns() / f"{spec.numero}.xml")
     wait_for(lambda: len([r for r in relay.outbox() if r["kind"] == "Retour"]) == 100, timeout=120,
              what="100 returns queued")
-    wait_for(lambda: len(platform.files()) == 200, timeout=120, what="100 AVL and 100 Retour on the platform")
+    wait_for(lambda: len(published(platform)) == 200, timeout=120, what="100 AVL and 100 Retour on the platform")
     assert list(relay.returns().iterdir()) == []
     assert relay.rejected() == []
 
@@ -418,7 +425,7 @@ def test_a_complete_pec_return_package_is_forwarded_as_it_is(linked, tmp_path):
     os.rename(relay.returns() / ".retour-editeur.zip.tmp", target)
     replies = wait_received(platform, 3)
     assert replies[2].message_id == package.message_id
-    newest = max((platform.incoming / n for n in platform.files()), key=lambda p: p.stat().st_mtime_ns)
+    newest = max((platform.incoming / n for n in published(platform)), key=lambda p: p.stat().st_mtime_ns)
     assert newest.read_bytes() == package.data
     wait_for(lambda: relay.ledger_rows("SELECT state FROM dossiers WHERE numero = ?", (spec.numero,))[0]["state"] == "clos",
              what="the ledger to say clos")

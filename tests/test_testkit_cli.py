@@ -51,9 +51,8 @@ def numero_and_demarche(path: Path) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def inbox_entries(relay, insee: str) -> list[Path]:
+def inbox_entries(folder: Path) -> list[Path]:
     """What the business software sees: every entry but the hidden temporary ones."""
-    folder = relay.inbox(insee)
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
 
 
@@ -87,9 +86,9 @@ def test_sample_is_deterministic_and_lands_in_the_chosen_commune(make_relay, tmp
     assert result.returncode == 0, result.stdout + result.stderr
     # 75056 delivers extracted folders named <numero>-<demarche>.
     expected = {"-".join(numero_and_demarche(p)) for p in first}
-    assert {p.name for p in inbox_entries(relay, "75056")} == expected
-    assert all(p.is_dir() for p in inbox_entries(relay, "75056"))
-    assert inbox_entries(relay, "90017") == []
+    assert {p.name for p in inbox_entries(relay.inbox("75056"))} == expected
+    assert all(p.is_dir() for p in inbox_entries(relay.inbox("75056")))
+    assert inbox_entries(relay.inbox("90017")) == []
 
 
 def test_sample_subprocess_prints_what_it_wrote(tmp_path):
@@ -126,7 +125,7 @@ def test_unknown_broken_kind_exits_2_with_the_known_kinds(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_acceptance_200_packages_with_4_connections(make_relay, tmp_path):
+def test_acceptance_200_packages_with_4_connections(demo, tmp_path):
     out = tmp_path / "packages"
     seed = 100
     for demarche in ("ILE", "RCO"):
@@ -135,10 +134,10 @@ def test_acceptance_200_packages_with_4_connections(make_relay, tmp_path):
             sample(out, "--demarche", demarche, "--insee", insee, "--count", "50", "--seed", str(seed))
     files = sorted(out.glob("*.zip"))
     assert len(files) == 200
-    relay = make_relay()
+    sftp = demo.info["sftp"]  # a demo relay, as a tester would start one
 
-    result = relayd("testkit", "push", "--host", "127.0.0.1", "--port", str(relay.port), "--user", "plateforme",
-                    "--key", str(relay.key), "--insecure-host-key", "--concurrency", "4", str(out))
+    result = relayd("testkit", "push", "--host", "127.0.0.1", "--port", str(sftp["port"]), "--user", sftp["username"],
+                    "--key", sftp["private_key"], "--insecure-host-key", "--concurrency", "4", str(out))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result_lines(result.stdout)
     assert len(lines["accepted"]) == 200 and not lines["refused"] and not lines["error"]
@@ -152,9 +151,9 @@ def test_acceptance_200_packages_with_4_connections(make_relay, tmp_path):
             insee = re.search(rb"<Valeur>(\d+)</Valeur>", zf.read("message.xml")).group(1).decode()
         by_insee[insee].add("-".join(numero_and_demarche(path)))
     assert len(by_insee["90017"]) == len(by_insee["75056"]) == 100
-    zips = inbox_entries(relay, "90017")
+    zips = inbox_entries(Path(demo.info["communes"]["90017"]["inbox"]))
     assert {p.name for p in zips} == {f"{base}.zip" for base in by_insee["90017"]}
-    folders = inbox_entries(relay, "75056")
+    folders = inbox_entries(Path(demo.info["communes"]["75056"]["inbox"]))
     assert {p.name for p in folders} == by_insee["75056"] and all(p.is_dir() for p in folders)
     local = {"-".join(numero_and_demarche(p)): p for p in files}
     assert all(z.read_bytes() == local[z.name.removesuffix(".zip")].read_bytes() for z in zips)
@@ -185,7 +184,7 @@ def test_acceptance_every_broken_kind_is_refused_with_its_code(make_relay, tmp_p
         assert entry["bytes"] > 0
     # The relay agrees: every one is quarantined with that code, nothing reached an inbox.
     assert sorted(q["code"] for q in relay.quarantined()) == sorted(k.reason.value for k in BROKEN_KINDS.values())
-    assert inbox_entries(relay, "90017") == []
+    assert inbox_entries(relay.inbox("90017")) == []
 
 
 # --------------------------------------------------------------------------- push: styles, logins, failures
@@ -202,7 +201,7 @@ def test_both_styles_accept_and_refuse_with_the_servers_sentence(make_relay, tmp
     lines = result_lines(result.stdout)
     assert [line.split()[1] for line in lines["accepted"]] == [p.name for p in good]
     assert lines["refused"] == [f"refused   {bad.name}  refused (xml_forbidden): {Reason.XML_FORBIDDEN.summary}"]
-    assert {p.name for p in inbox_entries(relay, "90017")} == {"-".join(numero_and_demarche(p)) + ".zip" for p in good}
+    assert {p.name for p in inbox_entries(relay.inbox("90017"))} == {"-".join(numero_and_demarche(p)) + ".zip" for p in good}
     # Nothing left behind in the drop folder under a temporary or final name.
     assert not [p for p in relay.drop().iterdir() if not p.name.startswith(".")]
 
@@ -217,7 +216,7 @@ def test_password_login_from_a_file_or_the_environment(make_relay, tmp_path):
     assert by_file.returncode == 0, by_file.stdout + by_file.stderr
     by_env = push(relay, second, auth=[], env={**SECRET_FREE_ENV, "RELAYD_PUSH_PASSWORD": PASSWORD})
     assert by_env.returncode == 0, by_env.stdout + by_env.stderr
-    assert len(inbox_entries(relay, "90017")) == 2
+    assert len(inbox_entries(relay.inbox("90017"))) == 2
 
     password_file.write_text("not the password\n")
     wrong = push(relay, first, auth=["--password-file", str(password_file)])
@@ -260,13 +259,13 @@ def test_host_key_is_checked_unless_told_otherwise(make_relay, tmp_path):
     wrong.write_text(f"{entry} {' '.join(other_pub)}\n")
     mismatch = push(relay, package, hostkey=["--known-hosts", str(wrong)])
     assert mismatch.returncode == 2 and "HOST KEY MISMATCH" in mismatch.stderr
-    assert inbox_entries(relay, "90017") == []
+    assert inbox_entries(relay.inbox("90017")) == []
 
     (home / ".ssh" / "known_hosts").write_text(f"{entry} {' '.join(host_pub)}\n")
     known = push(relay, package, hostkey=[], env={**SECRET_FREE_ENV, "HOME": str(home)})
     assert known.returncode == 0, known.stdout + known.stderr
     assert "insecure" not in known.stderr.lower()
-    assert len(inbox_entries(relay, "90017")) == 1
+    assert len(inbox_entries(relay.inbox("90017"))) == 1
 
 
 def test_usage_errors_exit_2(tmp_path, make_relay):

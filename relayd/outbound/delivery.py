@@ -21,6 +21,8 @@ log = structlog.get_logger("relayd.delivery")
 
 #: failures that say nothing about the entry itself, only about reaching the server
 SERVER_FAILURES = {"host_key_mismatch", "auth_failed", "connect_failed", "timeout"}
+#: failures that no retry can mend: the entry goes to dead-letter at once, for an operator
+PERMANENT_FAILURES = {"payload_missing", "remote_conflict"}
 
 
 class DeliveryWorker:
@@ -74,7 +76,8 @@ class DeliveryWorker:
                 try:
                     await self._deliver(entry)
                 except DeliveryError as exc:
-                    await asyncio.to_thread(self.outbox.failed, entry, exc.code, exc.message)
+                    await asyncio.to_thread(self.outbox.failed, entry, exc.code, exc.message,
+                                            permanent=exc.code in PERMANENT_FAILURES)
                     if exc.code in SERVER_FAILURES:
                         for rest in entries[i + 1:]:
                             await asyncio.to_thread(self.outbox.failed, rest, exc.code, exc.message)

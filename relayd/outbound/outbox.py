@@ -179,8 +179,12 @@ class Outbox:
     # -- settling --------------------------------------------------------------------
 
     def delivered(self, entry: Entry) -> None:
-        """Record a delivery; a Retour moves its dossier to the state it carried."""
-        archived = self._archive_payload(entry)
+        """Record a delivery; a Retour moves its dossier to the state it carried.
+
+        The row changes first and the file moves to the archive after: a crash in between
+        leaves the file in the outbox folder, where :meth:`recover` finishes the move.
+        """
+        archived = self._archive_path(entry)
         now = utcnow()
         with self.ledger.transaction() as db:
             db.execute("UPDATE outbox SET status = 'delivered', delivered_at = ?, payload = ?, attempts = attempts + 1,"
@@ -192,15 +196,19 @@ class Outbox:
                              f"Retour delivered as {entry.remote_name}: the platform now shows this state")
             else:
                 Ledger.event(db, entry.numero, "delivered", f"{entry.kind} delivered as {entry.remote_name}")
+        self._move_to_archive(entry.payload, archived)
         log.info("outbox.delivered", id=entry.id, kind=entry.kind, numero=entry.numero, state=entry.target_state,
                  remote_name=entry.remote_name, attempts=entry.attempts + 1)
 
-    def failed(self, entry: Entry, code: str, message: str) -> Entry:
-        """Record a failed attempt: schedule the next one, or send the entry to dead-letter."""
+    def failed(self, entry: Entry, code: str, message: str, *, permanent: bool = False) -> Entry:
+        """Record a failed attempt: schedule the next one, or send the entry to dead-letter.
+
+        ``permanent`` failures (retrying cannot help) go to dead-letter at once.
+        """
         attempts = entry.attempts + 1
         now = self.clock()
         age_hours = (now - datetime.fromisoformat(entry.created_at).timestamp()) / 3600
-        dead = attempts >= self.retry.max_attempts or age_hours >= self.retry.max_age_hours
+        dead = permanent or attempts >= self.retry.max_attempts or age_hours >= self.retry.max_age_hours
         next_at = now if dead else now + self.backoff(attempts)
         with self.ledger.transaction() as db:
             db.execute("UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error_code = ?,"
@@ -265,7 +273,7 @@ class Outbox:
                 continue
             if entry.status != "dead":
                 continue
-            archived = self._archive_payload(entry)
+            archived = self._archive_path(entry)
             with self.ledger.transaction() as db:
                 db.execute("UPDATE outbox SET status = 'purged', payload = ? WHERE id = ? AND status = 'dead'",
                            (str(archived), entry_id))
@@ -277,28 +285,44 @@ class Outbox:
                         " ORDER BY id DESC LIMIT 1", (entry.numero,)).fetchone()
                     db.execute("UPDATE dossiers SET requested_state = ? WHERE numero = ?",
                                (latest["target_state"] if latest else None, entry.numero))
+            self._move_to_archive(entry.payload, archived)
             purged.append(self.get(entry_id))
         return purged
 
-    def remove_orphans(self) -> list[Path]:
-        """Remove payload files that no row names: a crash came between the file and its row."""
-        if not self.folder.is_dir():
-            return []
-        known = {r["payload"] for r in self.ledger.query("SELECT payload FROM outbox WHERE status IN ('pending', 'dead')")}
-        orphans = [p for p in self.folder.iterdir() if p.is_file() and str(p) not in known]
-        for path in orphans:
-            log.warning("outbox.orphan_removed", file=path.name)
-            path.unlink()
-        return orphans
+    def recover(self) -> None:
+        """Tidy the outbox folder after a crash; call before the worker starts.
 
-    def _archive_payload(self, entry: Entry) -> Path:
-        """Keep what was sent: the payload moves to ``archive/sent/YYYY/MM``."""
-        if not entry.payload.exists() or entry.payload.parent != self.folder:
+        A file that a settled row (delivered or purged) names in the archive finishes its
+        move there; a file that no row names (a crash between the file and its row) goes.
+        """
+        if not self.folder.is_dir():
+            return
+        waiting = {r["payload"] for r in self.ledger.query("SELECT payload FROM outbox WHERE status IN ('pending', 'dead')")}
+        settled = {Path(r["payload"]).name: Path(r["payload"]) for r in self.ledger.query(
+            "SELECT payload FROM outbox WHERE status IN ('delivered', 'purged')")}
+        for path in self.folder.iterdir():
+            if not path.is_file() or str(path) in waiting:
+                continue
+            archived = settled.get(path.name)
+            if archived is not None and not archived.exists():
+                log.info("outbox.archive_finished", file=path.name)
+                self._move_to_archive(path, archived)
+            else:
+                log.warning("outbox.orphan_removed", file=path.name)
+                path.unlink()
+
+    def _archive_path(self, entry: Entry) -> Path:
+        """Where a settled entry's file is kept: ``archive/sent/YYYY/MM``."""
+        if entry.payload.parent != self.folder:
             return entry.payload
-        target = ensure_dir(self.archive / datetime.now(UTC).strftime("%Y/%m"), 0o700) / entry.payload.name
-        publish_file(entry.payload, target, mode=0o600, move=True)
+        return self.archive / datetime.now(UTC).strftime("%Y/%m") / entry.payload.name
+
+    def _move_to_archive(self, payload: Path, archived: Path) -> None:
+        if payload == archived or not payload.exists():
+            return
+        ensure_dir(archived.parent, 0o700)
+        publish_file(payload, archived, mode=0o600, move=True)
         fsync_dir(self.folder)
-        return target
 
 
 def _iso(timestamp: float) -> str:
