@@ -58,8 +58,11 @@ class DeliveryWorker:
                 self.last_progress = time.monotonic()
                 wait = await asyncio.to_thread(self.outbox.next_attempt_in)
                 timeout = self.poll_seconds if wait is None else min(wait, self.poll_seconds)
+                # asyncio.timeout, not wait_for: on Python 3.11, wait_for can swallow a cancellation
+                # that lands as the event fires, and the worker would then never stop.
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.05))
+                    async with asyncio.timeout(max(timeout, 0.05)):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
         finally:

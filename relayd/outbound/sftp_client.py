@@ -168,7 +168,8 @@ class ReturnServerClient:
         if conn is not None:
             conn.close()
             try:
-                await asyncio.wait_for(conn.wait_closed(), min(self.server.operation_timeout_seconds, 10.0))
+                async with asyncio.timeout(min(self.server.operation_timeout_seconds, 10.0)):
+                    await conn.wait_closed()
             except Exception:
                 conn.abort()  # the peer does not take part in a clean close; do not wait for it
 
@@ -271,7 +272,9 @@ class ReturnServerClient:
         """One SFTP operation, bounded in time, its errors as DeliveryError (the asyncssh one as ``__cause__``)."""
         timeout = self.server.operation_timeout_seconds
         try:
-            return await asyncio.wait_for(awaitable, timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(timeout):
+                return await awaitable
         except TimeoutError:
             raise DeliveryError("timeout", f"the return server {self._endpoint} did not answer within {timeout:g} s ({what})") from None
         except asyncssh.SFTPConnectionLost as exc:

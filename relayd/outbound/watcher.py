@@ -87,7 +87,8 @@ class DropWatcher:
             if ready:
                 return ready
             try:
-                await asyncio.wait_for(self._hint.wait(), timeout=wait)
+                async with asyncio.timeout(wait):  # not wait_for, which can swallow a cancellation on 3.11
+                    await self._hint.wait()
             except TimeoutError:
                 pass
             # Let a burst of events land before scanning again.
