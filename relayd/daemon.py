@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from relayd.config import Config
-from relayd.fsutil import ensure_dir
+from relayd.fsutil import ensure_dir, resolve_gid, share_dir
 from relayd.inbound.intake import Intake
 from relayd.inbound.server import InboundServer, ServerState, load_host_keys, resolve_auth
 from relayd.ledger import Ledger
@@ -38,10 +38,14 @@ def prepare_storage(config: Config) -> None:
                             size=leftover.lstat().st_size)
                 leftover.unlink()
     for commune in config.communes:
-        ensure_dir(commune.inbox, 0o755)
-        if commune.returns is not None:
-            ensure_dir(commune.returns, 0o755)
-            ensure_dir(commune.rejected_dir, 0o755)
+        # The business software takes dossiers from the inbox, drops returns and clears refused ones:
+        # with a group configured, those folders are shared with it; without one, they are left as they are.
+        folders = [commune.inbox] + ([commune.returns, commune.rejected_dir] if commune.returns is not None else [])
+        for folder in folders:
+            if commune.group is not None:
+                share_dir(folder, resolve_gid(commune.group))
+            else:
+                ensure_dir(folder, 0o755)
 
 
 async def run(config: Config, *, on_ready: Callable[[InboundServer], Awaitable[None]] | None = None) -> None:

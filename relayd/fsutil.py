@@ -149,6 +149,17 @@ def ensure_dir(path: Path, mode: int = 0o700) -> Path:
     return path
 
 
+def share_dir(path: Path, gid: int) -> Path:
+    """Create a folder that relayd and the business software's group both write: group-owned, setgid, 2770.
+
+    setgid makes what either side creates inside belong to the group, so each can take the other's files.
+    """
+    ensure_dir(path, 0o2770)
+    os.chown(path, -1, gid)
+    os.chmod(path, 0o2770)
+    return path
+
+
 def write_durably(dest: Path, data: bytes, *, mode: int = 0o600, gid: int = -1) -> None:
     """Make ``dest`` appear atomically holding ``data``: hidden temp name, fsync, rename, fsync the folder."""
     tmp = dest.parent / temp_name(dest.name)

@@ -477,3 +477,22 @@ def test_a_dossier_from_before_routing_was_recorded_still_gets_its_return(linked
     drop(relay, REAL_NUMERO, "recu")
     replies = wait_received(platform, 2)
     assert replies[1].kind == "Retour" and replies[1].retour.message_id_origine == REAL_MESSAGE_ID
+
+
+def test_with_a_group_the_folders_are_shared_with_the_business_software(make_relay, tmp_path):
+    import grp
+    import stat
+
+    gid = grp.getgrnam("users").gr_gid
+    relay = make_relay(start=False)
+    relay.config["communes"][0]["group"] = "users"
+    relay.config_path.write_text(yaml.safe_dump(relay.config, sort_keys=False))
+    relay.start()
+    for folder in (relay.inbox("90017"), relay.returns("90017"), relay.returns("90017").parent / "rejected"):
+        st = folder.stat()
+        assert st.st_gid == gid and stat.S_IMODE(st.st_mode) == 0o2770, folder
+    drop(relay, "A-1-NEVERSEEN", "recu")
+    wait_for(lambda: relay.rejected(), what="the refusal")
+    (reason,) = relay.rejected()
+    for path in (reason["_file"], reason["_file"].with_name(reason["_file"].name + ".reason.json")):
+        assert path.stat().st_gid == gid and stat.S_IMODE(path.stat().st_mode) == 0o640
