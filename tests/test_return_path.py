@@ -496,3 +496,20 @@ def test_with_a_group_the_folders_are_shared_with_the_business_software(make_rel
     (reason,) = relay.rejected()
     for path in (reason["_file"], reason["_file"].with_name(reason["_file"].name + ".reason.json")):
         assert path.stat().st_gid == gid and stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_cli_return_refuses_at_once_what_relayd_would_refuse(relay, tmp_path):
+    (spec,) = specs(1, seed=55)
+    push(relay, [spec], tmp_path)
+    wait_for(lambda: relay.ledger_rows("SELECT numero FROM dossiers"), what="the dossier")
+    skipped = relay.cli("return", spec.numero, "--state", "clos")
+    assert skipped.returncode == 2 and "transition_invalid" in skipped.stderr and "Dossier reçu" in skipped.stderr
+    big = tmp_path / "gros.pdf"
+    big.write_bytes(pdf_bytes(["x"], padding=os.urandom(2 * 1024 * 1024)))
+    too_big = relay.cli("return", spec.numero, "--state", "recu", "--attach", str(big))
+    assert too_big.returncode == 2 and "attachment_too_large" in too_big.stderr
+    text = tmp_path / "notes.txt"
+    text.write_text("not a PDF")
+    wrong = relay.cli("return", spec.numero, "--state", "recu", "--attach", str(text))
+    assert wrong.returncode == 2 and "attachment_type" in wrong.stderr
+    assert list(relay.returns().iterdir()) == []

@@ -13,38 +13,55 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from relayd.config import Config
-from relayd.fsutil import write_durably
+from relayd.fsutil import resolve_gid, write_durably
 from relayd.ledger import Ledger
 from relayd.outbound.outbox import Entry, Outbox
+from relayd.outbound.returns import check_attachment, next_state_error
 from relayd.pec.status import StatusAttachment, StatusFile, write_status_file
+from relayd.rejections import Rejection
 
 
 def drop_status(config: Config, numero: str, state: str, *, comment: str | None = None,
                 attachments: list[Path] | None = None, insee: str | None = None, demarche: str | None = None) -> int:
-    """Write a status file (a zip when it has attachments) atomically into the dossier's return directory."""
+    """Write a status file (a zip when it has attachments) atomically into the dossier's return directory.
+
+    What the daemon would refuse (an impossible state, a bad attachment) is refused here at once,
+    so that an agent at a terminal learns it now rather than from the rejected folder.
+    """
     attachments = attachments or []
-    commune_code = insee
-    if commune_code is None:
-        ledger = Ledger(config.storage.ledger)
-        try:
-            dossier = ledger.dossier(numero)
-        finally:
-            ledger.close()
-        if dossier is None:
-            return _fail(f"dossier {numero} is not in the ledger; give --insee and --demarche if the commune "
-                         "allows returns for dossiers this relay never received")
-        commune_code = dossier["insee"]
+    ledger = Ledger(config.storage.ledger)
+    try:
+        dossier = ledger.dossier(numero)
+    finally:
+        ledger.close()
+    if dossier is None and insee is None:
+        return _fail(f"dossier {numero} is not in the ledger; give --insee and --demarche if the commune "
+                     "allows returns for dossiers this relay never received")
+    commune_code = insee or dossier["insee"]
     commune = config.commune(commune_code)
     if commune is None or commune.returns is None:
         return _fail(f"commune {commune_code} has no return directory (communes[].returns) in the configuration")
+    if dossier is not None:
+        refusal = next_state_error(numero, dossier["requested_state"] or dossier["state"], state)
+        if refusal is not None:
+            return _fail(f"{refusal.reason.value}: {refusal.detail}")
     for path in attachments:
-        if not path.is_file():
-            return _fail(f"attachment {path} is not a readable file")
-    status = StatusFile(
-        numero=numero, state=state, comment=comment, demarche=demarche, insee=insee,
-        attachments=[StatusAttachment(file=p.name) for p in attachments],
-    )
+        try:
+            check_attachment(path.name, path.read_bytes(), config.returns)
+        except OSError as exc:
+            return _fail(f"attachment {path}: {exc.strerror}")
+        except Rejection as refusal:
+            return _fail(f"{refusal.reason.value}: {refusal.detail}")
+    try:
+        status = StatusFile(
+            numero=numero, state=state, comment=comment, demarche=demarche, insee=insee,
+            attachments=[StatusAttachment(file=p.name) for p in attachments],
+        )
+    except ValidationError as exc:
+        return _fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors(include_input=False)))
     document = write_status_file(status)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     base = f"{numero}-{state}-{stamp}"
@@ -58,8 +75,9 @@ def drop_status(config: Config, numero: str, state: str, *, comment: str | None 
         target, data = commune.returns / f"{base}.zip", buffer.getvalue()
     else:
         target, data = commune.returns / f"{base}.xml", document
-    write_durably(target, data, mode=0o640)
+    write_durably(target, data, mode=commune.mode, gid=resolve_gid(commune.group))
     print(target)
+    print("relayd takes it within seconds; `relayd outbox list` shows it until the platform has it", file=sys.stderr)
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Literal
 
 import structlog
 
-from relayd.config import Commune, Config
+from relayd.config import Commune, Config, Returns
 from relayd.fsutil import ensure_dir, fsync_dir, publish_file, resolve_gid, write_durably
 from relayd.ledger import STATE_LABELS, Ledger
 from relayd.outbound.outbox import Entry, Outbox, Queued
@@ -85,6 +85,39 @@ class _Drop:
     attachments: list[tuple[str, str | None, bytes]] = field(default_factory=list)  # name, title, data
     companions: list[Path] = field(default_factory=list)  # attachment files beside a status file
     sha256: str = ""
+
+
+def check_attachment_size(name: str, size: int, limits: Returns) -> None:
+    """Refuse an attachment larger than the platform takes (1024 Ko unless configured)."""
+    limit = limits.max_attachment_bytes
+    if size > limit:
+        raise Rejection(Reason.ATTACHMENT_TOO_LARGE,
+                        f"{name!r} has {size} bytes; the platform accepts at most {limit} ({limit // 1024} Ko).")
+
+
+def check_attachment(name: str, content: bytes, limits: Returns) -> str:
+    """Check one attachment's size, and its type by name *and* content; return its MIME type."""
+    check_attachment_size(name, len(content), limits)
+    allowed = [t.lower().lstrip(".") for t in limits.attachment_types]
+    ext = PurePosixPath(name).suffix.lower().lstrip(".")
+    if ext not in allowed or ext not in ATTACHMENT_TYPES:
+        raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r}: the accepted types are {', '.join(allowed)}.")
+    magic, media_type = ATTACHMENT_TYPES[ext]
+    if not content.startswith(magic):
+        raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} is named .{ext} but its content is not {ext.upper()}.")
+    return media_type
+
+
+def next_state_error(numero: str, current: str, wanted: str) -> Rejection | None:
+    """Why ``current`` cannot move to ``wanted`` (contract 6), or None when it can."""
+    if NEXT_STATE.get(current) == wanted:
+        return None
+    if current == "clos":
+        detail = f"dossier {numero} is closed (\"{STATE_LABELS['clos']}\"); it takes no further state."
+    else:
+        detail = (f"dossier {numero} is at \"{STATE_LABELS[current]}\"; it can move only to "
+                  f"\"{STATE_LABELS[NEXT_STATE[current]]}\", not to \"{STATE_LABELS.get(wanted, wanted)}\".")
+    return Rejection(Reason.TRANSITION_INVALID, detail)
 
 
 class ReturnDrops:
@@ -217,25 +250,15 @@ class ReturnDrops:
         drop.demarche = status.demarche
 
     def _check_size(self, name: str, size: int) -> None:
-        limit = self.config.returns.max_attachment_bytes
-        if size > limit:
-            raise Rejection(Reason.ATTACHMENT_TOO_LARGE,
-                            f"{name!r} has {size} bytes; the platform accepts at most {limit} ({limit // 1024} Ko).")
+        check_attachment_size(name, size, self.config.returns)
 
     def _check_attachments(self, drop: _Drop) -> None:
         limits = self.config.returns
         if len(drop.attachments) > limits.max_attachments:
             raise Rejection(Reason.TOO_MANY_ATTACHMENTS,
                             f"the return carries {len(drop.attachments)} attachments; the limit is {limits.max_attachments}.")
-        allowed = [t.lower().lstrip(".") for t in limits.attachment_types]
         for name, _, content in drop.attachments:
-            self._check_size(name, len(content))
-            ext = PurePosixPath(name).suffix.lower().lstrip(".")
-            if ext not in allowed or ext not in ATTACHMENT_TYPES:
-                raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r}: the accepted types are {', '.join(allowed)}.")
-            magic, _ = ATTACHMENT_TYPES[ext]
-            if not content.startswith(magic):
-                raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} is named .{ext} but its content is not {ext.upper()}.")
+            check_attachment(name, content, limits)
 
     # -- checking against the ledger -------------------------------------------------
 
@@ -281,13 +304,7 @@ class ReturnDrops:
         if current is None:
             dossier = self.ledger.dossier(drop.numero or "")
             current = (dossier["requested_state"] or dossier["state"]) if dossier else "transmis"
-        wanted = STATE_LABELS.get(drop.state or "", drop.state)
-        if current == "clos":
-            detail = f"dossier {drop.numero} is closed (\"{STATE_LABELS['clos']}\"); it takes no further state."
-        else:
-            detail = (f"dossier {drop.numero} is at \"{STATE_LABELS[current]}\"; it can move only to "
-                      f"\"{STATE_LABELS[NEXT_STATE[current]]}\", not to \"{wanted}\".")
-        return Rejection(Reason.TRANSITION_INVALID, detail)
+        return next_state_error(drop.numero or "?", current, drop.state or "?") or Rejection(Reason.TRANSITION_INVALID)
 
     # -- queueing --------------------------------------------------------------------
 
@@ -299,8 +316,8 @@ class ReturnDrops:
                 name=_forwarded_name(drop, dossier["demarche"]),
             )
         else:
-            attachments = [Attachment(name=name, data=data, media_type=ATTACHMENT_TYPES[PurePosixPath(name).suffix.lower()
-                                      .lstrip(".")][1], title=title) for name, title, data in drop.attachments]
+            attachments = [Attachment(name=name, data=data, media_type=check_attachment(name, data, self.config.returns),
+                                      title=title) for name, title, data in drop.attachments]
             reply = build_retour(routing, numero=drop.numero, demarche=dossier["demarche"], state=drop.state,
                                  comment=drop.comment, attachments=attachments)
         return self.queue_retour(reply, dossier["numero"], drop.state, ref_message_id=dossier["message_id"] or None,
