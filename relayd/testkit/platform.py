@@ -112,8 +112,15 @@ class ReturnServer:
                 "host_key_fingerprints": [self.fingerprint], "remote_dir": "."}
 
     def arrived(self, path: Path) -> None:
-        """A file was published under its final name."""
-        log.info("platform.received", file=path.name, size=path.stat().st_size)
+        """A file was published under its final name: check it at once, as the platform would."""
+        try:
+            reply = read_reply(path.read_bytes())
+        except Rejection as exc:
+            log.error("platform.received_invalid", file=path.name, code=exc.reason.value, reason=exc.detail)
+        else:
+            body = reply.ack or reply.retour
+            log.info("platform.received", file=path.name, kind=reply.kind, numero=getattr(body, "numero", None),
+                     state=reply.retour.state if reply.retour else None, code=reply.ack.code if reply.ack else None)
         if self.on_arrival is not None:
             self.on_arrival(path)
 
