@@ -64,7 +64,7 @@ MAX_DEFER_SECONDS = 300.0
 class DropOutcome:
     """What became of one drop."""
 
-    status: Literal["queued", "duplicate", "rejected", "deferred"]
+    status: Literal["queued", "duplicate", "rejected", "deferred", "vanished"]
     numero: str | None = None
     entry: Entry | None = None
     rejection: Rejection | None = None
@@ -139,6 +139,10 @@ class ReturnDrops:
         """Check one complete drop and queue it, or set it aside with a reason. Never raises for bad input."""
         bound = log.bind(commune=commune.insee, drop=path.name)
         drop = _Drop(path)
+        if not path.exists():
+            # Taken back by whoever dropped it between the scan and now: nothing to send, nothing to set aside.
+            bound.info("returns.vanished")
+            return DropOutcome("vanished")
         try:
             self._read(drop, commune)
             bound = bound.bind(numero=drop.numero, state=drop.state)
