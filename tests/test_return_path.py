@@ -115,6 +115,15 @@ def specs(count: int, seed: int, *, insee: str = "90017", demarche: str = "RCO")
     return [SampleSpec(numero=random_numero(rng), demarche=demarche, insee=insee) for _ in range(count)]
 
 
+def one_dossier(linked, tmp_path: Path, *, seed: int):
+    """A relay linked to the platform, with one generated dossier handed over and acknowledged."""
+    relay, platform = linked
+    (spec,) = specs(1, seed=seed)
+    push(relay, [spec], tmp_path)
+    wait_received(platform, 1)
+    return relay, platform, spec
+
+
 # --------------------------------------------------------------------------- acks
 
 
@@ -221,10 +230,7 @@ def test_recu_then_clos_with_attestation_arrive_in_order(linked, tmp_path):
     ],
 )
 def test_refused_drops_get_a_reason_and_nothing_is_sent(linked, tmp_path, case, code):
-    relay, platform = linked
-    (spec,) = specs(1, seed=11)
-    push(relay, [spec], tmp_path)
-    wait_received(platform, 1)
+    relay, platform, spec = one_dossier(linked, tmp_path, seed=11)
     if case == "clos_before_recu":
         dropped = drop(relay, spec.numero, "clos")
     elif case == "unknown_dossier":
@@ -248,10 +254,7 @@ def test_refused_drops_get_a_reason_and_nothing_is_sent(linked, tmp_path, case, 
 
 
 def test_a_redropped_status_file_is_sent_once(linked, tmp_path):
-    relay, platform = linked
-    (spec,) = specs(1, seed=12)
-    push(relay, [spec], tmp_path)
-    wait_received(platform, 1)
+    relay, platform, spec = one_dossier(linked, tmp_path, seed=12)
     document = write_status_file(StatusFile(numero=spec.numero, state="recu"))
     drop(relay, spec.numero, "recu", raw=document)
     wait_received(platform, 2)
@@ -382,10 +385,7 @@ def test_dead_letter_then_operator_retry(make_relay, platform, tmp_path):
 
 
 def test_cli_return_with_an_attachment_drops_one_zip(linked, tmp_path):
-    relay, platform = linked
-    (spec,) = specs(1, seed=51)
-    push(relay, [spec], tmp_path)
-    wait_received(platform, 1)
+    relay, platform, spec = one_dossier(linked, tmp_path, seed=51)
     assert relay.cli("return", spec.numero, "--state", "recu").returncode == 0
     attestation = tmp_path / "Attestation de recensement.pdf"
     attestation.write_bytes(pdf_bytes(["Attestation"]))
@@ -410,10 +410,7 @@ def test_a_complete_pec_return_package_is_forwarded_as_it_is(linked, tmp_path):
     from relayd.pec.envelope import Routing
     from relayd.pec.replies import Attachment, build_retour
 
-    relay, platform = linked
-    (spec,) = specs(1, seed=52)
-    push(relay, [spec], tmp_path)
-    wait_received(platform, 1)
+    relay, platform, spec = one_dossier(linked, tmp_path, seed=52)
     assert relay.cli("return", spec.numero, "--state", "recu").returncode == 0
     wait_received(platform, 2)
     # The business software builds its own Retour package from the dossier's routing.
@@ -435,10 +432,7 @@ def test_a_return_package_that_skips_a_state_is_refused(linked, tmp_path):
     from relayd.pec.envelope import Routing
     from relayd.pec.replies import build_retour
 
-    relay, platform = linked
-    (spec,) = specs(1, seed=53)
-    push(relay, [spec], tmp_path)
-    wait_received(platform, 1)
+    relay, platform, spec = one_dossier(linked, tmp_path, seed=53)
     routing = Routing.from_xml(relay.ledger_rows("SELECT routing FROM dossiers WHERE numero = ?", (spec.numero,))[0]["routing"])
     package = build_retour(routing, numero=spec.numero, demarche=spec.demarche, state="clos", comment=None, attachments=[])
     (relay.returns() / "skip.zip").write_bytes(package.data)
@@ -448,10 +442,7 @@ def test_a_return_package_that_skips_a_state_is_refused(linked, tmp_path):
 
 
 def test_a_linked_attachment_is_refused(linked, tmp_path):
-    relay, platform = linked
-    (spec,) = specs(1, seed=54)
-    push(relay, [spec], tmp_path)
-    wait_received(platform, 1)
+    relay, platform, spec = one_dossier(linked, tmp_path, seed=54)
     secret = tmp_path / "not-for-the-platform.pdf"
     secret.write_bytes(pdf_bytes(["private"]))
     (relay.returns() / "attestation.pdf").symlink_to(secret)
