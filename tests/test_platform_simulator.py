@@ -113,3 +113,13 @@ def test_report_flags_missing_invalid_and_unexpected(tmp_path, sent_two):
     assert any("an ANL" in u and "expected AVL" in u for u in bad.unexpected)
     assert any("out of order" in u for u in bad.unexpected)
     assert any("Retour recu then clos" in m for m in bad.missing)
+
+
+def test_a_relay_that_cannot_be_reached_is_exit_2(tmp_path):
+    from conftest import free_port, write_key_pair
+
+    key = write_key_pair(tmp_path, "key")
+    result = platform_cmd("--relay", f"127.0.0.1:{free_port()}", "--user", "plateforme", "--key", str(key),
+                          "--received", str(tmp_path), "--dir", str(tmp_path / "work"), "--count", "1", "--insee", "90017")
+    assert result.returncode == 2
+    assert "could not push" in result.stderr and "refused" in result.stderr.lower()

@@ -423,14 +423,22 @@ def run(args: argparse.Namespace) -> int:
                     insees=target["insees"], seed=seed, broken=broken)
     try:
         if plan:
-            from relayd.testkit.push import push_files
+            from relayd.testkit.push import PushError, push_files
 
-            results = push_files([p for p, _ in plan], host=target["host"], port=target["port"], username=target["user"],
-                                 key_path=target["key"], password=target["password"], style="rename",
-                                 concurrency=2, insecure_host_key=True)
+            try:
+                results = push_files([p for p, _ in plan], host=target["host"], port=target["port"], username=target["user"],
+                                     key_path=target["key"], password=target["password"], style="rename",
+                                     concurrency=2, insecure_host_key=True)
+            except PushError as exc:
+                print(f"relayd testkit platform: {exc}", file=sys.stderr)
+                return 2
             for (_, expectation), result in zip(plan, results, strict=True):
                 expectation.pushed, expectation.push_message = result.status, result.message or ""
         sent = [s for _, s in plan]
+        if sent and all(s.pushed == "error" for s in sent):
+            print(f"relayd testkit platform: could not push to {target['host']}:{target['port']}: {sent[0].push_message}",
+                  file=sys.stderr)
+            return 2
         expect = {s.numero: list(args.expect_retour) for s in sent if s.pushed == "accepted" and args.expect_retour}
         for s in sent:
             if s.pushed == "accepted" and s.insee in target["auto_receipt"] and s.numero not in expect:
