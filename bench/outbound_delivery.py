@@ -9,18 +9,24 @@ in one session::
 
 relayd's side is :class:`relayd.outbound.sftp_client.ReturnServerClient` (one reused connection,
 pinned by the host key's fingerprint), which per file also stats the final name before and after
-and fsyncs the ``.part`` on the server. The figure that matters is the ratio
+and fsyncs the ``.part`` on the server. Both sides use the cipher relayd negotiates. The figure
+that matters is the ratio
 
     relayd speed / reference speed  =  reference seconds / relayd seconds   (higher is better)
 
-Both sides' times include their SSH handshake and the session's close. Cases (medians of
-``--runs`` runs, the side that goes first alternating from one run to the next):
+Both sides' times include their SSH session's setup and close (for the reference, starting
+the sftp and ssh processes too). Cases, each a median of ``--runs`` runs, the side that goes
+first alternating from one run to the next:
 
 1. small files (~2 KiB, like an AVL), delivered with ``ReturnServerClient.deliver``;
 2. files of ~1 MiB (a Retour with an attestation), the same way;
 3. end to end through the outbox: the small files queued in an ``Outbox`` on a real ledger
-   (untimed), then delivered by ``DeliveryWorker.deliver_due()``, which adds the ledger writes
-   (SQLite, synchronous=FULL) and the moves to the archive (fsynced) to each delivery.
+   (untimed), then delivered by ``DeliveryWorker.deliver_due()``, which adds to each delivery
+   the ledger writes (SQLite, synchronous=FULL) and the move to the archive (fsynced).
+
+The session setup alone (an empty sftp batch; relayd's connection and SFTP session) is measured
+too, so that the cost per file can be shown without it. ``--profile`` then runs relayd once more
+per case and splits its wall time by SFTP operation and by outbox step.
 
 Every wait is bounded; nothing leaves 127.0.0.1; sshd and the temporary folder are removed
 whatever happens. Durations are measured here and never asserted in tests.
@@ -32,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
-import io
+import contextlib
 import logging
 import os
-import pstats
 import pwd
 import shutil
 import signal
@@ -44,10 +48,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.inbound_throughput import client_key, start_sshd  # noqa: E402
@@ -64,13 +71,18 @@ RUN_TIMEOUT = 300.0
 SMALL_BYTES = 2 * 1024
 LARGE_BYTES = 1024 * 1024
 
+RelaydRun = Callable[["Context", list[Path], Path, int], Awaitable[tuple[float, int]]]
+
 
 @dataclass
 class Case:
     title: str
     files: list[Path]
-    relayd: Callable[..., object]  # async (ctx, files, remote_dir, run) -> connections opened
+    relayd: RelaydRun
     ref_times: list[float] = field(default_factory=list)
+    #: the reference with ``put -f``, where relayd's side is ReturnServerClient alone (cases 1 and 2)
+    fsync_ref: bool = False
+    ref_fsync_times: list[float] = field(default_factory=list)
     relayd_times: list[float] = field(default_factory=list)
     connections: list[int] = field(default_factory=list)
 
@@ -115,20 +127,40 @@ def check_landed(remote_dir: Path, files: list[Path]) -> None:
 # -- the reference ---------------------------------------------------------------------
 
 
-def reference_push(ctx: Context, files: list[Path], remote_dir: Path) -> float:
-    """OpenSSH sftp, one session: put each file as .part, then rename it. Returns seconds."""
+def reference_push(ctx: Context, files: list[Path], remote_dir: Path | None, *, fsync: bool = False) -> float:
+    """OpenSSH sftp, one session: put each file as .part, then rename it. Returns seconds (no files: the session alone).
+
+    With ``fsync``, ``put -f`` asks the server for fsync@openssh.com after each upload, as relayd does.
+    """
+    put = "put -f" if fsync else "put"
     lines = []
     for f in files:
         part, final = f"{remote_dir}/{f.name}.part", f"{remote_dir}/{f.name}"
-        lines += [f'put "{f}" "{part}"', f'rename "{part}" "{final}"']
-    batch = ("\n".join(lines) + "\n").encode()
+        lines += [f'{put} "{f}" "{part}"', f'rename "{part}" "{final}"']
+    batch = ctx.work / "batch.sftp"
+    batch.write_text("".join(line + "\n" for line in lines))
     cipher = ["-c", ctx.cipher] if ctx.cipher else []
-    cmd = ["sftp", "-q", "-b", "-", "-P", str(ctx.port), "-i", str(ctx.key), *cipher,
+    cmd = ["sftp", "-q", "-b", str(batch), "-P", str(ctx.port), "-i", str(ctx.key), *cipher,
            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
            "-o", "IdentitiesOnly=yes", f"{ctx.user}@127.0.0.1"]
     start = time.perf_counter()
-    subprocess.run(cmd, input=batch, check=True, stdout=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
-    return time.perf_counter() - start
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # Not run(timeout=...): a wait with a timeout polls with sleeps of up to 50 ms, which would be
+    # measured too. A blocking wait, and a watchdog that kills sftp if it hangs.
+    watchdog = threading.Timer(RUN_TIMEOUT, proc.kill)
+    watchdog.start()
+    try:
+        code = proc.wait()
+    except BaseException:  # SIGTERM or Ctrl-C while sftp runs: it goes too
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    finally:
+        watchdog.cancel()
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"sftp exited with {code}")
+    return elapsed
 
 
 # -- relayd ----------------------------------------------------------------------------
@@ -145,6 +177,18 @@ async def relayd_client_push(ctx: Context, files: list[Path], remote_dir: Path, 
     finally:
         await client.close()
     return time.perf_counter() - start, client.connections_opened
+
+
+async def relayd_session_only(ctx: Context) -> float:
+    """relayd's connection and SFTP session, opened and closed with nothing delivered."""
+    client = ReturnServerClient(ctx.server)
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT):
+            await client._session()  # noqa: SLF001 - the setup deliver() does before its first file
+    finally:
+        await client.close()
+    return time.perf_counter() - start
 
 
 async def relayd_outbox_push(ctx: Context, files: list[Path], remote_dir: Path, run: int) -> tuple[float, int]:
@@ -170,13 +214,83 @@ async def relayd_outbox_push(ctx: Context, files: list[Path], remote_dir: Path, 
         left = outbox.entries(("pending", "dead"))
         if delivered != len(files) or left:
             raise RuntimeError(f"outbox: {delivered} delivered, {len(left)} left ({left[0].last_error if left else ''})")
-        archived = sum(1 for p in (root / "archive").rglob("*.zip"))
+        archived = sum(1 for _ in (root / "archive").rglob("*.zip"))
         if archived != len(files) or any((root / "outbox").iterdir()):
             raise RuntimeError(f"outbox: {archived} files archived, expected {len(files)}")
         return elapsed, worker.client.connections_opened
     finally:
         ledger.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- where relayd's time goes (--profile) ------------------------------------------------
+
+
+@contextlib.contextmanager
+def breakdown() -> Iterator[dict[str, list[float]]]:
+    """Wall time per SFTP operation, per hop to a thread and per outbox step, while the block runs.
+
+    Wall time, not CPU: a delivery mostly waits, one round trip after another. The wrappers are
+    removed on the way out.
+    """
+    acc: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+
+    def note(key: str, start: float) -> None:
+        acc[key][0] += 1
+        acc[key][1] += time.perf_counter() - start
+
+    orig_op, orig_thread = ReturnServerClient._op, asyncio.to_thread
+    orig_delivered, orig_due = Outbox.delivered, Outbox.due
+
+    async def op(self: ReturnServerClient, awaitable: Awaitable[Any], what: str) -> Any:
+        start = time.perf_counter()
+        try:
+            return await orig_op(self, awaitable, what)
+        finally:
+            verb = what.split()[0]
+            note("sftp session start (after the handshake)" if verb == "start" else f"sftp {verb}", start)
+
+    async def to_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return await orig_thread(func, *args, **kwargs)
+        finally:
+            note(f"asyncio.to_thread({getattr(func, '__qualname__', func)}), in all", start)
+
+    def timed(orig: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                note(key, start)
+        wrapper.__qualname__ = orig.__qualname__
+        return wrapper
+
+    ReturnServerClient._op = op  # type: ignore[method-assign]
+    asyncio.to_thread = to_thread
+    Outbox.delivered = timed(orig_delivered, "  of which Outbox.delivered (ledger + archive)")  # type: ignore[method-assign]
+    Outbox.due = timed(orig_due, "  of which Outbox.due")  # type: ignore[method-assign]
+    try:
+        yield acc
+    finally:
+        ReturnServerClient._op = orig_op  # type: ignore[method-assign]
+        asyncio.to_thread = orig_thread
+        Outbox.delivered, Outbox.due = orig_delivered, orig_due  # type: ignore[method-assign]
+
+
+async def profile_relayd(ctx: Context, cases: list[Case]) -> None:
+    for i, case in enumerate(cases, 1):
+        remote = ctx.dest / f"profile-{i}"
+        remote.mkdir()
+        with breakdown() as acc:
+            elapsed, _ = await case.relayd(ctx, case.files, remote, 100 + i)
+        check_landed(remote, case.files)
+        shutil.rmtree(remote)
+        n = len(case.files)
+        print(f"\nwhere relayd's time goes, case {case.title}: {elapsed:.2f} s wall, {elapsed / n * 1000:.2f} ms per file")
+        for key, (count, total) in sorted(acc.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {key:<62} {int(count):5d} x {total / count * 1e6:6.0f} us = {total / n * 1000:5.2f} ms per file")
 
 
 # -- running ---------------------------------------------------------------------------
@@ -198,16 +312,23 @@ async def warm_up(ctx: Context, sample: Path) -> None:
     reference_push(ctx, [sample], remote)
 
 
+def check_time(ctx: Context) -> None:
+    if time.monotonic() > ctx.deadline:
+        raise RuntimeError("the benchmark ran past --max-seconds")
+
+
 async def run_case(ctx: Context, case: Case, runs: int, tag: str) -> None:
     for run in range(runs):
-        if time.monotonic() > ctx.deadline:
-            raise RuntimeError("the benchmark ran past --max-seconds")
-        sides = ["ref", "relayd"] if run % 2 == 0 else ["relayd", "ref"]
-        for side in sides:
+        check_time(ctx)
+        sides = ["ref", "relayd", "ref_fsync"] if case.fsync_ref else ["ref", "relayd"]
+        shift = run % len(sides)  # each side takes its turn at going first
+        for side in sides[shift:] + sides[:shift]:
             remote = ctx.dest / f"{tag}-{side}-{run}"
             remote.mkdir()
             if side == "ref":
                 case.ref_times.append(reference_push(ctx, case.files, remote))
+            elif side == "ref_fsync":
+                case.ref_fsync_times.append(reference_push(ctx, case.files, remote, fsync=True))
             else:
                 elapsed, conns = await case.relayd(ctx, case.files, remote, run)
                 case.relayd_times.append(elapsed)
@@ -216,37 +337,56 @@ async def run_case(ctx: Context, case: Case, runs: int, tag: str) -> None:
             shutil.rmtree(remote)
 
 
-async def profile_relayd(ctx: Context, cases: list[Case]) -> None:
-    """One more relayd run per case under cProfile: where the time goes (the wall time, not CPU, is what differs)."""
-    for i, case in enumerate(cases, 1):
-        remote = ctx.dest / f"profile-{i}"
-        remote.mkdir()
-        prof = cProfile.Profile()
-        prof.enable()
-        elapsed, _ = await case.relayd(ctx, case.files, remote, 99)
-        prof.disable()
-        shutil.rmtree(remote)
-        out = io.StringIO()
-        stats = pstats.Stats(prof, stream=out)
-        print(f"\n--- profile, case {i} ({case.title}): {elapsed:.2f} s wall, "
-              f"{sum(v[2] for v in stats.stats.values()):.2f} s in Python functions (tottime sum) ---")  # type: ignore[attr-defined]
-        stats.sort_stats("tottime").print_stats(18)
-        print("\n".join(line for line in out.getvalue().splitlines() if line.strip() and not line.startswith("   Ordered")))
+async def session_setup(ctx: Context, runs: int) -> tuple[float, float]:
+    """Median seconds of a session with nothing sent: (reference, relayd)."""
+    ref, rel = [], []
+    for run in range(runs):
+        check_time(ctx)
+        if run % 2 == 0:
+            ref.append(reference_push(ctx, [], None))
+            rel.append(await relayd_session_only(ctx))
+        else:
+            rel.append(await relayd_session_only(ctx))
+            ref.append(reference_push(ctx, [], None))
+    return statistics.median(ref), statistics.median(rel)
 
 
-def print_table(cases: list[Case], runs: int) -> None:
+def print_table(cases: list[Case], runs: int, setup: tuple[float, float]) -> None:
     print(f"\nmedians of {runs} runs; ratio = relayd speed / reference speed (higher is better)\n")
-    head = f"| {'case':<44} | {'reference':>9} | {'relayd':>8} | {'ratio':>5} | {'ref files/s':>11} | {'relayd files/s':>14} | {'conns':>5} |"
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    cols = ["case", "reference", "relayd", "ratio", "ref files/s", "relayd files/s", "relayd conns"]
+    widths = [44, 9, 8, 5, 11, 14, 12]
+    print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths, strict=True))) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for case in cases:
         ref, rel = statistics.median(case.ref_times), statistics.median(case.relayd_times)
         n = len(case.files)
-        conns = "/".join(str(c) for c in case.connections)
-        print(f"| {case.title:<44} | {ref:8.2f}s | {rel:7.2f}s | {ref / rel:5.2f} | {n / ref:11.0f} | {n / rel:14.0f} | {conns:>5} |")
+        cells = [case.title, f"{ref:.2f} s", f"{rel:.2f} s", f"{ref / rel:.2f}", f"{n / ref:.0f}", f"{n / rel:.0f}",
+                 "/".join(str(c) for c in case.connections)]
+        print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |")
+    print()
     for case in cases:
         print(f"  {case.title}: reference {', '.join(f'{t:.2f}' for t in case.ref_times)} s;"
               f" relayd {', '.join(f'{t:.2f}' for t in case.relayd_times)} s")
+    ref_setup, rel_setup = setup
+    print(f"\nsession alone (nothing sent): reference {ref_setup * 1000:.0f} ms (sftp and ssh processes, handshake),"
+          f" relayd {rel_setup * 1000:.0f} ms (handshake, SFTP session)")
+    print("cost per file without the session (median time minus session alone, / files):")
+    for case in cases:
+        n, ref_total = len(case.files), statistics.median(case.ref_times)
+        if ref_total < 1.25 * ref_setup:
+            print(f"  {case.title:<44} too few files to tell the session from the files apart")
+            continue
+        ref = (ref_total - ref_setup) / n
+        rel = (statistics.median(case.relayd_times) - rel_setup) / n
+        print(f"  {case.title:<44} reference {ref * 1000:5.2f} ms, relayd {rel * 1000:5.2f} ms, ratio {ref / rel:.2f}")
+    print("the reference with `put -f` (fsync@openssh.com on the server after each upload, as relayd does):")
+    for case in cases:
+        if case.ref_fsync_times:
+            ref, rel = statistics.median(case.ref_fsync_times), statistics.median(case.relayd_times)
+            runs = ", ".join(f"{t:.2f}" for t in case.ref_fsync_times)
+            per_file = (ref - ref_setup) / len(case.files) * 1000
+            tail = f", {per_file:.2f} ms per file without the session" if ref >= 1.25 * ref_setup else ""
+            print(f"  {case.title:<44} {ref:.2f} s ({runs}), ratio {ref / rel:.2f}{tail}")
 
 
 async def amain(args: argparse.Namespace, work: Path, procs: list[subprocess.Popen]) -> int:
@@ -264,17 +404,18 @@ async def amain(args: argparse.Namespace, work: Path, procs: list[subprocess.Pop
     small = make_files(work / "small", max(n_small, n_outbox), SMALL_BYTES, "AVL")
     large = make_files(work / "large", n_large, LARGE_BYTES, "Retour")
     cases = [
-        Case(f"1. {n_small} files of 2 KiB (AVL)", small[:n_small], relayd_client_push),
-        Case(f"2. {n_large} files of 1 MiB (Retour)", large, relayd_client_push),
-        Case(f"3. {n_outbox} x 2 KiB via Outbox + DeliveryWorker", small[:n_outbox], relayd_outbox_push),
+        Case(f"1. {n_small} files of 2 KiB (AVL)", small[:n_small], relayd_client_push, fsync_ref=True),
+        Case(f"2. {n_large} files of 1 MiB (Retour)", large, relayd_client_push, fsync_ref=True),
+        Case(f"3. {n_outbox} x 2 KiB, Outbox + DeliveryWorker", small[:n_outbox], relayd_outbox_push),
     ]
     await warm_up(ctx, small[0])
     print(f"sshd 127.0.0.1:{port} (internal-sftp), cipher {ctx.cipher} on both sides, {os.cpu_count()} CPUs")
     for i, case in enumerate(cases, 1):
         await run_case(ctx, case, args.runs, f"case{i}")
-    print_table(cases, args.runs)
+    setup = await session_setup(ctx, args.runs)
+    print_table(cases, args.runs, setup)
     bad = [c.title for c in cases if any(n != 1 for n in c.connections)]
-    print(f"\nrelayd connections opened per run: {'1 everywhere (reused)' if not bad else 'NOT 1 in ' + ', '.join(bad)}")
+    print(f"\nrelayd connections opened per run: {'1 in every run (reused)' if not bad else 'NOT 1 in ' + ', '.join(bad)}")
     if args.profile:
         await profile_relayd(ctx, cases)
     return 1 if bad else 0
@@ -282,17 +423,19 @@ async def amain(args: argparse.Namespace, work: Path, procs: list[subprocess.Pop
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="40 small, 10 large, 40 through the outbox")
-    parser.add_argument("--runs", type=int, default=3, help="runs per case and side (the median is shown)")
-    parser.add_argument("--max-seconds", type=float, default=1200, help="give up once the runs have taken this long")
-    parser.add_argument("--profile", action="store_true", help="then profile one more relayd run per case")
+    parser.add_argument("--quick", action="store_true", help="40 small files, 10 large, 40 through the outbox")
+    parser.add_argument("--runs", type=int, default=3, help="runs per case and side; the median is shown (1 to 15)")
+    parser.add_argument("--max-seconds", type=float, default=1200, help="stop starting runs after this long")
+    parser.add_argument("--profile", action="store_true", help="then split one more relayd run per case by operation")
     args = parser.parse_args()
-    if args.runs < 1 or args.runs > 15:
+    if not 1 <= args.runs <= 15:
         parser.error("--runs must be between 1 and 15")
-    # relayd logs at info as the daemon does by default; the lines go nowhere, their cost stays.
+    # relayd logs at info, as the daemon does by default: the lines go nowhere, their cost stays.
     configure_logging("json", "info")
     sink = open(os.devnull, "w")  # noqa: SIM115 - closed in the finally below
-    logging.getLogger().handlers[0].setStream(sink)  # type: ignore[attr-defined]
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(sink)
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through the finally below

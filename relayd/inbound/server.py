@@ -34,38 +34,9 @@ from relayd.config import Config
 from relayd.inbound.intake import Intake, Outcome, Upload
 from relayd.inbound.passwords import hash_password, verify_password
 from relayd.rejections import Reason, Rejection
+from relayd.ssh_algorithms import CIPHERS, KEX_ALGS, MAC_ALGS
 
 log = structlog.get_logger("relayd.sftp")
-
-#: AES-GCM first: it is the fastest in asyncssh on CPUs with AES-NI (see design.md's figures). The
-#: client's order decides, though (RFC 4253 §7.1): a stock OpenSSH client picks chacha20-poly1305.
-CIPHERS = (
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "chacha20-poly1305@openssh.com",
-    "aes128-ctr",
-    "aes256-ctr",
-)
-
-#: No SHA-1 key exchange or MAC: the platform's client is a current OpenSSH or Java stack.
-KEX_ALGS = (
-    "curve25519-sha256",
-    "curve25519-sha256@libssh.org",
-    "ecdh-sha2-nistp256",
-    "ecdh-sha2-nistp384",
-    "ecdh-sha2-nistp521",
-    "diffie-hellman-group16-sha512",
-    "diffie-hellman-group18-sha512",
-    "diffie-hellman-group14-sha256",
-)
-MAC_ALGS = (
-    "hmac-sha2-256-etm@openssh.com",
-    "hmac-sha2-512-etm@openssh.com",
-    "umac-128-etm@openssh.com",
-    "hmac-sha2-256",
-    "hmac-sha2-512",
-    "umac-128@openssh.com",
-)
 
 _GENERIC_DENIED = "permission denied"
 _SYNC_EVERY = 32 * 1024 * 1024

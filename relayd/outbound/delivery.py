@@ -70,28 +70,43 @@ class DeliveryWorker:
                 await self.client.close()
 
     async def deliver_due(self) -> int:
-        """Deliver everything due now, a dossier's next entry as soon as the one before is through."""
+        """Deliver everything due now, a dossier's next entry as soon as the one before is through.
+
+        Recording a delivery in the ledger runs while the next entry uploads: a batch from
+        :meth:`Outbox.due` holds one entry per dossier, so no order is at stake, and every record
+        is settled before the next batch is asked for. A crash before a record lands costs
+        nothing: the next attempt finds the file on the server and records it then.
+        """
         assert self.client is not None
         delivered = 0
         while entries := await asyncio.to_thread(self.outbox.due):
-            progress = False
-            for i, entry in enumerate(entries):
-                try:
-                    await self._deliver(entry)
-                except DeliveryError as exc:
-                    await asyncio.to_thread(self.outbox.failed, entry, exc.code, exc.message,
-                                            permanent=exc.code in PERMANENT_FAILURES)
-                    if exc.code in SERVER_FAILURES:
-                        for rest in entries[i + 1:]:
-                            await asyncio.to_thread(self.outbox.failed, rest, exc.code, exc.message)
-                        return delivered
-                    continue
-                await asyncio.to_thread(self.outbox.delivered, entry)
-                delivered += 1
-                progress = True
-                self.last_progress = time.monotonic()
-            if not progress:
+            records: list[asyncio.Task[None]] = []
+            try:
+                for i, entry in enumerate(entries):
+                    try:
+                        await self._deliver(entry)
+                    except DeliveryError as exc:
+                        await asyncio.to_thread(self.outbox.failed, entry, exc.code, exc.message,
+                                                permanent=exc.code in PERMANENT_FAILURES)
+                        if exc.code in SERVER_FAILURES:
+                            for rest in entries[i + 1:]:
+                                await asyncio.to_thread(self.outbox.failed, rest, exc.code, exc.message)
+                            return delivered + len(records)
+                        continue
+                    records.append(asyncio.create_task(asyncio.to_thread(self.outbox.delivered, entry)))
+                    self.last_progress = time.monotonic()
+            finally:
+                # Settle every record, even when cancelled: each stands for a file the server has.
+                if records:
+                    settled = asyncio.gather(*records)
+                    try:
+                        await asyncio.shield(settled)
+                    except asyncio.CancelledError:
+                        await settled  # a few milliseconds; the ledger closes only after this
+                        raise
+            if not records:
                 break
+            delivered += len(records)
         return delivered
 
     async def _deliver(self, entry: Entry) -> None:

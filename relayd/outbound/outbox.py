@@ -11,7 +11,9 @@ many attempts, or once too old, the entry goes to dead-letter, where an operator
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import random
 import sqlite3
 import time
@@ -321,8 +323,15 @@ class Outbox:
         if payload == archived or not payload.exists():
             return
         ensure_dir(archived.parent, 0o700)
-        publish_file(payload, archived, mode=0o600, move=True)
-        fsync_dir(self.folder)
+        try:
+            # The payload was fsynced when it was queued, and recover() finishes a move a crash
+            # interrupts: a rename and the archive folder's fsync are all that is needed here.
+            os.replace(payload, archived)
+            fsync_dir(archived.parent)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            publish_file(payload, archived, mode=0o600, move=True)
 
 
 def _iso(timestamp: float) -> str:

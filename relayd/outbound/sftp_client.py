@@ -31,6 +31,7 @@ import asyncssh
 import structlog
 
 from relayd.config import ConfigError, ReturnServer
+from relayd.ssh_algorithms import CIPHERS, KEX_ALGS, MAC_ALGS
 
 log = structlog.get_logger("relayd.outbound")
 
@@ -52,28 +53,6 @@ PART_SUFFIX = ".part"
 _FINGERPRINT_HOST_KEY_ALGS = [
     "ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "rsa-sha2-512", "rsa-sha2-256",
 ]
-
-
-def _without_sha1(algs: list[bytes]) -> list[str]:
-    # GSS key exchange is dropped too: it authenticates the server through Kerberos and no host
-    # key at all, which would bypass the pinning.
-    return [a.decode() for a in algs if b"sha1" not in a and not a.startswith(b"gss-")]
-
-
-def _kex_algs() -> list[str] | tuple[()]:
-    try:
-        from asyncssh.kex import get_default_kex_algs
-    except ImportError:  # asyncssh moved its internals: its defaults, rather than no delivery at all
-        return ()
-    return _without_sha1(get_default_kex_algs())
-
-
-def _mac_algs() -> list[str] | tuple[()]:
-    try:
-        from asyncssh.mac import get_default_mac_algs
-    except ImportError:
-        return ()
-    return _without_sha1(get_default_mac_algs())
 
 
 class DeliveryError(Exception):
@@ -391,8 +370,9 @@ class ReturnServerClient:
             host_based_auth=False,
             gss_auth=False,
             gss_kex=False,
-            kex_algs=_kex_algs(),
-            mac_algs=_mac_algs(),
+            encryption_algs=CIPHERS,
+            kex_algs=KEX_ALGS,
+            mac_algs=MAC_ALGS,
             connect_timeout=server.connect_timeout_seconds,
             login_timeout=server.login_timeout_seconds,
             keepalive_interval=0,
