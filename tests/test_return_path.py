@@ -11,12 +11,16 @@ from __future__ import annotations
 import io
 import os
 import random
+import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from lxml import etree
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
 
 from conftest import REAL_MOTDEPASSE, REAL_PACKAGE, paramiko_client, sftp_put, wait_for
 from platform_sshd import PlatformSshd, make_client_key, platform_sshd_fixture  # noqa: F401 - registers the fixture
@@ -38,9 +42,35 @@ FAST_RETRY = {"initial_seconds": 0.3, "factor": 2, "max_seconds": 1.0, "jitter":
 # --------------------------------------------------------------------------- helpers
 
 
+class Arrivals(FileSystemEventHandler):
+    """The order in which names are published on the server, from the kernel's rename events.
+
+    File times are too coarse for this (a few milliseconds apart, two files can share one).
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._lock = threading.Lock()
+
+    def on_moved(self, event) -> None:
+        with self._lock:
+            self.names.append(os.path.basename(os.fsdecode(event.dest_path)))
+
+    def order(self, name: str) -> int:
+        with self._lock:
+            return self.names.index(name) if name in self.names else len(self.names)
+
+
 @pytest.fixture
-def platform(platform_sshd) -> PlatformSshd:
-    return platform_sshd()
+def platform(platform_sshd) -> Iterator[PlatformSshd]:
+    sshd = platform_sshd()
+    sshd.arrivals = Arrivals()
+    observer = Observer()
+    observer.schedule(sshd.arrivals, str(sshd.incoming), recursive=False)
+    observer.start()
+    yield sshd
+    observer.stop()
+    observer.join(timeout=10)
 
 
 @pytest.fixture
@@ -56,9 +86,9 @@ def published(platform: PlatformSshd) -> list[str]:
 
 
 def received(platform: PlatformSshd) -> list[Reply]:
-    """Every reply on the platform's side, in the order the server got them."""
+    """Every reply on the platform's side, in the order the server published them."""
     paths = [platform.incoming / name for name in published(platform)]
-    paths.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
+    paths.sort(key=lambda p: (platform.arrivals.order(p.name), p.stat().st_mtime_ns, p.name))
     return [read_reply(p.read_bytes()) for p in paths]
 
 
@@ -422,7 +452,7 @@ def test_a_complete_pec_return_package_is_forwarded_as_it_is(linked, tmp_path):
     os.rename(relay.returns() / ".retour-editeur.zip.tmp", target)
     replies = wait_received(platform, 3)
     assert replies[2].message_id == package.message_id
-    newest = max((platform.incoming / n for n in published(platform)), key=lambda p: p.stat().st_mtime_ns)
+    newest = platform.incoming / platform.arrivals.names[-1]
     assert newest.read_bytes() == package.data
     wait_for(lambda: relay.ledger_rows("SELECT state FROM dossiers WHERE numero = ?", (spec.numero,))[0]["state"] == "clos",
              what="the ledger to say clos")

@@ -43,6 +43,8 @@ from relayd.testkit.samples import SampleSpec, build_package, package_filename, 
 log = structlog.get_logger("relayd.testkit.platform")
 
 DEFAULT_USERNAME = "relayd"
+#: beside ``received/``: one published name a line, in the order the server saw them
+ARRIVALS_JOURNAL = "arrivals.log"
 
 
 # --------------------------------------------------------------------------- the return server
@@ -112,7 +114,9 @@ class ReturnServer:
                 "host_key_fingerprints": [self.fingerprint], "remote_dir": "."}
 
     def arrived(self, path: Path) -> None:
-        """A file was published under its final name: check it at once, as the platform would."""
+        """A file was published under its final name: journal it and check it at once, as the platform would."""
+        with open(self.folder / ARRIVALS_JOURNAL, "a", encoding="utf-8") as journal:
+            journal.write(path.name + "\n")
         try:
             reply = read_reply(path.read_bytes())
         except Rejection as exc:
@@ -346,6 +350,11 @@ def _judge_ack(name: str, reply: Reply, by_message: dict[str, Sent], acks: dict[
 
 
 def _replies(received: Path, since: float | None) -> list[Path]:
+    """The replies in ``received``, in the order they were published.
+
+    That order comes from the return server's arrivals journal where there is one: file times
+    are too coarse for it (two files a few milliseconds apart can share one).
+    """
     if not received.is_dir():
         return []
     out = []
@@ -355,7 +364,9 @@ def _replies(received: Path, since: float | None) -> list[Path]:
         if since is not None and path.stat().st_mtime < since:
             continue
         out.append(path)
-    return sorted(out, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    journal = received.parent / ARRIVALS_JOURNAL
+    order = {name: i for i, name in enumerate(journal.read_text().split())} if journal.exists() else {}
+    return sorted(out, key=lambda p: (order.get(p.name, len(order)), p.stat().st_mtime_ns, p.name))
 
 
 def wait_for_report(received: Path, sent: Sequence[Sent], *, since: float | None, timeout: float,
