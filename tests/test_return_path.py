@@ -534,3 +534,24 @@ def test_cli_return_refuses_at_once_what_relayd_would_refuse(relay, tmp_path):
     wrong = relay.cli("return", spec.numero, "--state", "recu", "--attach", str(text))
     assert wrong.returncode == 2 and "attachment_type" in wrong.stderr
     assert list(relay.returns().iterdir()) == []
+
+
+def test_returns_for_unknown_dossiers_when_the_commune_allows_them(make_relay, platform, tmp_path):
+    relay = make_relay(start=False, platform=platform.relay_config(platform.client_key, retry=FAST_RETRY))
+    relay.config["communes"][0]["allow_unknown_dossiers"] = True
+    relay.config_path.write_text(yaml.safe_dump(relay.config, sort_keys=False))
+    relay.start()
+    # Without its démarche, relayd cannot address a return for a dossier it never saw.
+    drop(relay, "A-1-UNKNOWN1", "recu")
+    wait_for(lambda: relay.rejected(), what="the refusal")
+    assert relay.rejected()[0]["code"] == "status_invalid" and "NumeroDemarche" in relay.rejected()[0]["message"]
+    drop(relay, "A-1-UNKNOWN1", "recu", name="with-demarche.xml", raw=write_status_file(
+        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="RCO")))
+    (retour,) = wait_received(platform, 1)
+    assert retour.kind == "Retour" and retour.retour.numero == "A-1-UNKNOWN1" and retour.retour.demarche == "RCO"
+    assert_valid_against_schemas((platform.incoming / published(platform)[0]).read_bytes())
+    # From then on the relay follows its states like any other dossier's.
+    drop(relay, "A-1-UNKNOWN1", "recu", name="again.xml", raw=write_status_file(
+        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="RCO", comment="encore")))
+    wait_for(lambda: len(relay.rejected()) == 2, what="the second refusal")
+    assert relay.rejected()[1]["code"] == "transition_invalid"

@@ -283,7 +283,7 @@ class ReturnDrops:
         if not drop.demarche:
             raise Rejection(Reason.STATUS_INVALID,
                             f"dossier {drop.numero} is unknown here: the status file must give its NumeroDemarche.")
-        routing = _routing_for_unknown(drop.demarche, commune)
+        routing = _routing_for_unknown(drop.numero, drop.demarche, commune)
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         with self.ledger.transaction() as db:
             db.execute(
@@ -438,10 +438,13 @@ def _stamp() -> str:
     return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def _routing_for_unknown(demarche: str, commune: Commune) -> Routing:
-    """A routing for a dossier the relay never received: the platform's service as the sender."""
+def _routing_for_unknown(numero: str, demarche: str, commune: Commune) -> Routing:
+    """A routing for a dossier the relay never received: the platform's service as the sender.
+
+    There is no original MessageId to refer to; the Retour names the dossier and says so.
+    """
     return Routing(
-        message_id="",
+        message_id=f"{numero} inconnu-du-relais",
         flow_type=demarche,
         sender=Party(country="FR", location=Location(service=demarche)),
         recipients=Recipients(recipients=[Party(country="FR", location=Location(service=commune.insee))]),
