@@ -125,11 +125,11 @@ def _check_config(path: Path) -> int:
     return 0
 
 
-def _run(config: Config, on_ready=None) -> int:
+def _run(config: Config) -> int:
     from relayd import daemon
 
     try:
-        asyncio.run(daemon.run(config, on_ready=on_ready))
+        asyncio.run(daemon.run(config))
     except KeyboardInterrupt:
         pass
     return 0

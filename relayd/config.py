@@ -27,6 +27,22 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key path."""
 
 
+def read_secret(owner: str, file: Path | None, credential: str | None) -> str | None:
+    """A secret from a file, or from a systemd credential (``LoadCredential=``); None when neither is named."""
+    path = file
+    if credential is not None:
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise ConfigError(f"{owner}: password_credential needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
+        path = Path(creds) / credential
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{owner}: cannot read its password file ({exc.strerror})") from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -86,18 +102,9 @@ class Account(_Strict):
         """The password hash, read from the file or credential where one is named."""
         if self.password_hash is not None:
             return self.password_hash
-        path = self.password_file
-        if self.password_credential is not None:
-            creds = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not creds:
-                raise ConfigError(f"account {self.username}: password_credential needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
-            path = Path(creds) / self.password_credential
-        if path is None:
+        secret = read_secret(f"account {self.username}", self.password_file, self.password_credential)
+        if secret is None:
             return None
-        try:
-            secret = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"account {self.username}: cannot read its password file ({exc.strerror})") from None
         # A credential store may hold the clear password; it is hashed here and never kept.
         return secret if is_password_hash(secret) else hash_password(secret)
 
@@ -195,18 +202,7 @@ class ReturnServer(_Strict):
 
     def password(self) -> str | None:
         """The account's password, read from its file or credential; None with a key."""
-        path = self.password_file
-        if self.password_credential is not None:
-            creds = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not creds:
-                raise ConfigError("platform: password_credential needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
-            path = Path(creds) / self.password_credential
-        if path is None:
-            return None
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"platform: cannot read its password file ({exc.strerror})") from None
+        return read_secret("platform", self.password_file, self.password_credential)
 
 
 class Returns(_Strict):

@@ -123,3 +123,40 @@ def test_a_relay_that_cannot_be_reached_is_exit_2(tmp_path):
                           "--received", str(tmp_path), "--dir", str(tmp_path / "work"), "--count", "1", "--insee", "90017")
     assert result.returncode == 2
     assert "could not push" in result.stderr and "refused" in result.stderr.lower()
+
+
+def test_the_relay_logs_in_to_a_return_server_with_a_password_file(tmp_path):
+    """The return server's account may have a password instead of a key (platform.password_file)."""
+    import asyncio
+
+    from relayd.config import ReturnServer as ReturnServerSettings
+    from relayd.outbound.sftp_client import DeliveryError, ReturnServerClient
+    from relayd.testkit.platform import ReturnServer
+
+    secret = tmp_path / "platform.password"
+    secret.write_text("s3cret du relais\n")
+    package = tmp_path / "a.zip"
+    package.write_bytes(b"PK" + b"x" * 100)
+
+    async def scenario() -> tuple[list[str], str]:
+        server = ReturnServer(tmp_path / "platform", password="s3cret du relais")
+        await server.start()
+        try:
+            settings = {"host": "127.0.0.1", "port": server.port, "username": server.username,
+                        "password_file": str(secret), "host_key_fingerprints": [server.fingerprint]}
+            async with ReturnServerClient(ReturnServerSettings.model_validate(settings)) as client:
+                await client.deliver(package, "a.zip", remote_dir=".")
+            secret.write_text("wrong\n")
+            async with ReturnServerClient(ReturnServerSettings.model_validate(settings)) as client:
+                try:
+                    await client.deliver(package, "b.zip", remote_dir=".")
+                except DeliveryError as exc:
+                    refused = exc.code
+                else:
+                    refused = "delivered"
+            return sorted(p.name for p in server.received.iterdir()), refused
+        finally:
+            await server.close()
+
+    names, refused = asyncio.run(scenario())
+    assert names == ["a.zip"] and refused == "auth_failed"

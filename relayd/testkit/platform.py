@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import os
 import random
@@ -54,13 +55,15 @@ class ReturnServer:
     """An SFTP server that receives what a relay sends back; every file lands in ``folder/received``."""
 
     def __init__(self, folder: Path, *, host: str = "127.0.0.1", port: int = 0, username: str = DEFAULT_USERNAME,
-                 authorized_keys: Sequence[str] = (), on_arrival: Callable[[Path], None] | None = None):
+                 authorized_keys: Sequence[str] = (), password: str | None = None,
+                 on_arrival: Callable[[Path], None] | None = None):
         self.folder = folder
         self.received = folder / "received"
         self.host = host
         self.requested_port = port
         self.username = username
         self.authorized_keys = list(authorized_keys)
+        self._password = password
         self.on_arrival = on_arrival
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self.host_key = load_host_keys([folder / "host_key"])[0]
@@ -91,6 +94,12 @@ class ReturnServer:
 
             def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
                 return username == server.username and keys is not None and keys.validate(key, "", "127.0.0.1") is not None
+
+            def password_auth_supported(self) -> bool:
+                return server._password is not None
+
+            def validate_password(self, username: str, password: str) -> bool:
+                return username == server.username and hmac.compare_digest(password, server._password or "")
 
         def sftp_factory(chan: asyncssh.SSHServerChannel) -> asyncssh.SFTPServer:
             return _ReceivingSFTP(chan, server)
