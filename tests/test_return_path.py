@@ -248,6 +248,11 @@ def test_recu_then_clos_with_attestation_arrive_in_order(linked, tmp_path):
     assert history.index("state_recu") < history.index("state_clos")
     # The drop and its attachment left the return directory for the archive.
     assert list(relay.returns().iterdir()) == []
+    # No secret of the envelope went anywhere on the way back.
+    assert REAL_MOTDEPASSE not in relay.log_text()
+    for name in published(platform):
+        with zipfile.ZipFile(platform.incoming / name) as zf:
+            assert all(REAL_MOTDEPASSE.encode() not in zf.read(m) for m in zf.namelist())
 
 
 @pytest.mark.parametrize(
