@@ -99,3 +99,26 @@ def test_oldest_first(tmp_path):
         return await DropWatcher([tmp_path], settle_seconds=0, rescan_seconds=1).next_batch()
 
     assert [p.name for p in run(scenario())] == ["c.xml", "a.xml", "b.xml"]
+
+
+def test_a_file_that_is_no_drop_is_reported_once_after_a_while(tmp_path):
+    from structlog.testing import capture_logs
+
+    (tmp_path / "attestation.pdf").write_bytes(b"%PDF-1.4 an attachment whose status file never came")
+    (tmp_path / ".being-written.xml.tmp").write_text("<x")
+
+    async def scenario() -> None:
+        watcher = DropWatcher([tmp_path], settle_seconds=0, rescan_seconds=0.05, stray_after_seconds=0.2)
+        (tmp_path / "late.xml").write_text("<x/>")
+        await watcher.next_batch()
+        await asyncio.sleep(0.3)
+        (tmp_path / "later.xml").write_text("<x/>")
+        await watcher.next_batch()
+        await asyncio.sleep(0.1)
+        (tmp_path / "latest.xml").write_text("<x/>")
+        await watcher.next_batch()
+
+    with capture_logs() as logs:
+        run(scenario())
+    strays = [e for e in logs if e["event"] == "watcher.stray_file"]
+    assert [Path(e["file"]).name for e in strays] == ["attestation.pdf"]

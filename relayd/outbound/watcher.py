@@ -45,10 +45,14 @@ class _Seen:
 class DropWatcher:
     """Hand out complete drops, oldest first, each once until it changes or is released."""
 
-    def __init__(self, directories: Sequence[Path], *, settle_seconds: float, rescan_seconds: float):
+    def __init__(self, directories: Sequence[Path], *, settle_seconds: float, rescan_seconds: float,
+                 stray_after_seconds: float = 3600.0):
         self.directories = [Path(d) for d in directories]
         self.settle_seconds = settle_seconds
         self.rescan_seconds = rescan_seconds
+        #: a file that is no drop and has sat this long is reported once (an orphan attachment, a typo)
+        self.stray_after_seconds = stray_after_seconds
+        self._strays: dict[Path, tuple[float, bool]] = {}
         self._seen: dict[Path, _Seen] = {}
         self._offered: dict[Path, tuple[int, int, int]] = {}
         self._renamed_in: set[Path] = set()
@@ -130,6 +134,7 @@ class DropWatcher:
                 continue
             for item in entries:
                 if not is_drop_name(item.name):
+                    self._note_stray(Path(item.path), item.name, now, present)
                     continue
                 try:
                     if not item.is_file(follow_symlinks=False):
@@ -163,10 +168,24 @@ class DropWatcher:
             self._offered.pop(gone, None)
             self._not_before.pop(gone, None)
         self._renamed_in &= present
+        for gone in set(self._strays) - present:
+            del self._strays[gone]
         ready.sort()
         for _, _, path in ready:
             self._offered[path] = self._seen[path].signature
         return [path for _, _, path in ready], max(wait, 0.05)
+
+
+    def _note_stray(self, path: Path, name: str, now: float, present: set[Path]) -> None:
+        """Say once, after a while, that a file in a return directory will never be taken."""
+        if name.startswith(".") or name.lower().endswith(TEMPORARY_SUFFIXES):
+            return  # still being written, by the contract
+        present.add(path)
+        first_seen, reported = self._strays.setdefault(path, (now, False))
+        if not reported and now - first_seen >= self.stray_after_seconds:
+            self._strays[path] = (first_seen, True)
+            log.warning("watcher.stray_file", file=str(path),
+                        hint="only *.xml and *.zip are drops; an attachment waits for the status file that names it")
 
 
 class _Hints(FileSystemEventHandler):
