@@ -410,13 +410,17 @@ def test_dead_letter_then_operator_retry(make_relay, platform, tmp_path):
     platform.stop()
     assert sftp_put(relay, REAL_PACKAGE, REAL_PACKAGE.name).returncode == 0
     wait_for(lambda: [r["status"] for r in relay.outbox()] == ["dead"], what="dead-letter")
+    # A return for the same dossier waits behind the dead ack, and the listing says so.
+    drop(relay, REAL_NUMERO, "recu")
+    wait_for(lambda: len(relay.outbox()) == 2, what="the return queued")
     listing = relay.cli("outbox", "list")
     assert "dead" in listing.stdout and "connect_failed" in listing.stdout
+    assert "waits for #1" in listing.stdout
     platform.start()
     result = relay.cli("outbox", "retry", "--dead")
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: [r["status"] for r in relay.outbox()] == ["delivered"], what="delivery after the retry")
-    assert len(platform.files()) == 1
+    wait_for(lambda: [r["status"] for r in relay.outbox()] == ["delivered", "delivered"], what="delivery after the retry")
+    assert [r.kind for r in received(platform)] == ["AVL", "Retour"]
 
 
 def test_cli_return_with_an_attachment_drops_one_zip(linked, tmp_path):

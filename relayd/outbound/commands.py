@@ -93,9 +93,16 @@ def outbox_list(config: Config, *, everything: bool = False, as_json: bool = Fal
         print("the outbox is empty" if not everything else "no entries")
         return 0
     print(f"{'id':>5}  {'status':9} {'kind':7} {'state':5} {'numero':13} {'tries':>5}  {'next try (UTC)':19}  last error")
+    # A dossier's entries leave in order: say which ones wait behind another, and which.
+    blocker: dict[str, int] = {}
     for e in entries:
         next_try = datetime.fromtimestamp(e.next_attempt_at, UTC).strftime("%Y-%m-%d %H:%M:%S") if e.status == "pending" else "-"
         error = f"{e.last_error_code}: {e.last_error}" if e.last_error_code else ""
+        if e.status in ("pending", "dead"):
+            if e.queue_key in blocker:
+                error = f"waits for #{blocker[e.queue_key]} (same dossier, sent in order)" + (f"; {error}" if error else "")
+            else:
+                blocker[e.queue_key] = e.id
         print(f"{e.id:>5}  {e.status:9} {e.kind:7} {e.target_state or '-':5} {e.numero or '-':13} {e.attempts:>5}  "
               f"{next_try:19}  {error}")
     return 0
