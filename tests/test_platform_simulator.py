@@ -160,3 +160,47 @@ def test_the_relay_logs_in_to_a_return_server_with_a_password_file(tmp_path):
 
     names, refused = asyncio.run(scenario())
     assert names == ["a.zip"] and refused == "auth_failed"
+
+
+def test_serve_runs_just_the_return_server(tmp_path):
+    """``--serve``: a return server for a relay configured by hand, until interrupted."""
+    import asyncio
+    import signal
+    import socket
+
+    from conftest import free_port, wait_for
+    from relayd.config import ReturnServer as ReturnServerSettings
+    from relayd.outbound.sftp_client import ReturnServerClient
+
+    port = free_port()
+    secret = tmp_path / "password"
+    secret.write_text("mot de passe de la plateforme\n")
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "relayd", "testkit", "platform", "--serve", "--listen", f"127.0.0.1:{port}",
+                             "--dir", str(tmp_path / "platform"), "--accept-password-file", str(secret)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(listening, timeout=30, what="the return server")
+        fingerprint = (tmp_path / "platform" / "host_key.pub").read_text()
+        from asyncssh import import_public_key
+
+        settings = ReturnServerSettings.model_validate({
+            "host": "127.0.0.1", "port": port, "username": "relayd", "password_file": str(secret),
+            "host_key_fingerprints": [import_public_key(fingerprint).get_fingerprint("sha256")]})
+        package = tmp_path / "retour.zip"
+        package.write_bytes(b"PK" + bytes(200))
+
+        async def deliver() -> None:
+            async with ReturnServerClient(settings) as client:
+                await client.deliver(package, package.name, remote_dir=".")
+
+        asyncio.run(deliver())
+        assert (tmp_path / "platform" / "received" / "retour.zip").read_bytes() == package.read_bytes()
+        assert (tmp_path / "platform" / "arrivals.log").read_text().split() == ["retour.zip"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert "mot de passe de la plateforme" not in (tmp_path / "serve.log").read_text()

@@ -409,6 +409,8 @@ def register(testkit: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", help="HOST:PORT: run a return server here too (see --dir, --authorized-key)")
     p.add_argument("--dir", type=Path, default=Path("platform"), help="the return server's folder (host key, received/)")
     p.add_argument("--authorized-key", type=Path, action="append", default=[], help="a relay's public key for the return server")
+    p.add_argument("--accept-password-file", type=Path,
+                   help="the return server also accepts the password in this file (for a relay configured with password_file)")
     p.add_argument("--serve", action="store_true", help="only run the return server, until interrupted")
     p.add_argument("--count", type=int, default=10, help="valid packages to push (0: only report on what is there)")
     p.add_argument("--demarche", default="ILE,RCO", help="démarches, comma-separated, taken in turn")
@@ -528,7 +530,8 @@ class _LoopThread:
 def _return_server(args: argparse.Namespace) -> ReturnServer:
     host, _, port = (args.listen or "127.0.0.1:0").rpartition(":")
     keys = [k.read_text().strip() for k in args.authorized_key]
-    return ReturnServer(args.dir, host=host or "127.0.0.1", port=int(port), authorized_keys=keys)
+    password = args.accept_password_file.read_text().strip() if args.accept_password_file else None
+    return ReturnServer(args.dir, host=host or "127.0.0.1", port=int(port), authorized_keys=keys, password=password)
 
 
 def _serve_in_background(args: argparse.Namespace) -> tuple[ReturnServer, _LoopThread]:
