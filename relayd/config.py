@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import time
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +58,10 @@ class Limits(PackageLimits):
     """Package bounds (see :class:`PackageLimits`) plus the server's own."""
 
     max_sessions: int = Field(default=32, gt=0, description="concurrent SSH connections, all accounts")
+    max_sessions_per_ip: int = Field(default=8, gt=0, description="concurrent SSH connections from one address")
+    min_free_bytes: int = Field(
+        default=1024 * 1024 * 1024, ge=0, description="uploads are refused while less than this is free under storage.root"
+    )
     max_upload_bytes_per_session: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
     login_timeout_seconds: float = Field(default=30.0, gt=0)
 
@@ -71,6 +77,9 @@ class Account(_Strict):
     authorized_keys_file: Path | None = None
     communes: list[str] = Field(min_length=1, description="INSEE codes this account may deliver for")
     drop_dir: Path | None = Field(default=None, description="default: <storage.root>/drop/<username>")
+    allowed_ips: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list, description="addresses or networks this account may log in from; empty: any"
+    )
 
     @field_validator("password_hash")
     @classmethod
@@ -138,6 +147,12 @@ class Commune(_Strict):
     rejected: Path | None = Field(default=None, description="refused drops and their reasons; default: <returns>/../rejected")
     auto_receipt: bool = Field(default=False, description="send \"reçu\" by itself once a dossier is handed over")
     allow_unknown_dossiers: bool = Field(default=False, description="accept returns for dossiers this relay never received")
+    emails: list[str] = Field(default_factory=list, description="the service's addresses, told of every new dossier")
+
+    @field_validator("emails")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return _check_addresses(value)
 
     @property
     def mode(self) -> int:
@@ -246,6 +261,106 @@ class Storage(_Strict):
         return self.root / "outbox"
 
 
+class Mail(_Strict):
+    """The SMTP server that carries the agents' and the administrator's e-mail."""
+
+    host: str
+    port: int = Field(default=25, gt=0, le=65535)
+    starttls: bool = Field(default=False, description="upgrade the connection with STARTTLS before anything is sent")
+    username: str | None = Field(default=None, description="log in with this user (needs password_file or password_credential)")
+    password_file: Path | None = None
+    password_credential: str | None = None
+    sender: str = Field(description="the From address")
+    admin: list[str] = Field(default_factory=list, description="told of dead letters, host-key mismatches, low disk, repeated rejections")
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    retry_seconds: float = Field(default=60.0, gt=0, description="first wait after a failed send; doubles up to an hour")
+    max_age_hours: float = Field(default=168.0, gt=0, description="a mail still unsent after this long is given up and logged")
+    digest_at: time = Field(default=time(8, 0), description="local time of the daily digest of late dossiers")
+    rejection_alert_count: int = Field(default=5, gt=0, description="this many refused packages...")
+    rejection_alert_minutes: float = Field(default=60.0, gt=0, description="...within this window alerts the administrator")
+
+    @field_validator("digest_at", mode="before")
+    @classmethod
+    def _digest_at(cls, value: object) -> object:
+        # YAML reads an unquoted 18:30 as the number 1110, which would become 00:18:30.
+        if isinstance(value, int | float):
+            raise ValueError('write the time in quotes, e.g. "08:00" (unquoted, YAML reads it as a number)')
+        return value
+
+    @field_validator("digest_at")
+    @classmethod
+    def _digest_at_local(cls, value: time) -> time:
+        if value.tzinfo is not None:
+            raise ValueError("a local time without a zone, e.g. \"08:00\"")
+        return value
+
+    @field_validator("sender")
+    @classmethod
+    def _sender(cls, value: str) -> str:
+        return _check_addresses([value])[0]
+
+    @field_validator("admin")
+    @classmethod
+    def _admin(cls, value: list[str]) -> list[str]:
+        return _check_addresses(value)
+
+    @model_validator(mode="after")
+    def _login(self) -> Mail:
+        if sum(s is not None for s in (self.password_file, self.password_credential)) > 1:
+            raise ValueError("give only one of password_file, password_credential")
+        has_password = self.password_file is not None or self.password_credential is not None
+        if (self.username is None) != (not has_password):
+            raise ValueError("username and a password (file or credential) go together")
+        return self
+
+    def password(self) -> str | None:
+        """The SMTP password, read from its file or credential; None without a login."""
+        return read_secret("mail", self.password_file, self.password_credential)
+
+
+class Deadlines(_Strict):
+    """The platform's limit: a dossier not processed within 30 days must be filed again."""
+
+    warn_days: float = Field(default=20.0, gt=0, description="a dossier still open this long is late")
+    overdue_days: float = Field(default=30.0, gt=0, description="past this, the citizen must start over")
+
+    @model_validator(mode="after")
+    def _order(self) -> Deadlines:
+        if self.warn_days >= self.overdue_days:
+            raise ValueError("warn_days must be less than overdue_days")
+        return self
+
+
+class Defender(_Strict):
+    """Bans an address that fails to log in too often; each new ban lasts longer."""
+
+    enabled: bool = True
+    max_failures: int = Field(default=5, gt=0, description="failed logins within window_seconds that bring a ban")
+    window_seconds: float = Field(default=600.0, gt=0)
+    ban_seconds: float = Field(default=900.0, gt=0, description="the first ban")
+    ban_factor: float = Field(default=2.0, ge=1, description="each later ban of the same address lasts this much longer")
+    max_ban_seconds: float = Field(default=86400.0, gt=0)
+    allowlist: list[IPv4Network | IPv6Network] = Field(default_factory=list, description="never banned")
+
+
+class Metrics(_Strict):
+    """The Prometheus endpoint."""
+
+    enabled: bool = False
+    listen: Listen = Listen(port=9464)
+
+
+class Retention(_Strict):
+    """How long what holds personal data is kept."""
+
+    archive_days: float = Field(default=365.0, gt=0, description="archived packages and sent replies")
+    quarantine_days: float = Field(default=90.0, gt=0, description="refused packages and drops, with their reasons")
+    scrub_after_close_days: float = Field(
+        default=90.0, ge=0, description="then a closed dossier's personal data leaves the ledger; its reference stays"
+    )
+    check_hours: float = Field(default=6.0, gt=0, description="how often the purge runs")
+
+
 class Logging(_Strict):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -257,6 +372,9 @@ class Server(_Strict):
     # Which upload names are temporary: a rename from one of these to a package name commits.
     temporary_suffixes: list[str] = Field(default_factory=lambda: [".tmp", ".part", ".filepart", ".partial"])
     package_suffixes: list[str] = Field(default_factory=lambda: [".zip"])
+    stop_grace_seconds: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, uploads in flight have this long to finish before they are cut"
+    )
 
 
 class Config(_Strict):
@@ -269,6 +387,11 @@ class Config(_Strict):
     communes: list[Commune] = Field(min_length=1)
     platform: ReturnServer | None = Field(default=None, description="without it, acks and returns wait in the outbox")
     returns: Returns = Returns()
+    mail: Mail | None = Field(default=None, description="without it, nobody is told by e-mail")
+    deadlines: Deadlines = Deadlines()
+    defender: Defender = Defender()
+    metrics: Metrics = Metrics()
+    retention: Retention = Retention()
     logging: Logging = Logging()
 
     @model_validator(mode="after")
@@ -304,6 +427,16 @@ class Config(_Strict):
         """Where this account's uploads land: its chroot."""
         return account.drop_dir or self.storage.drop / account.username
 
+
+
+_ADDRESS = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+$")
+
+
+def _check_addresses(values: list[str]) -> list[str]:
+    for i, value in enumerate(values):
+        if not _ADDRESS.fullmatch(value):
+            raise ValueError(f"entry {i} is not an e-mail address (name@domain)")
+    return values
 
 
 def load_config(path: str | Path) -> Config:
@@ -358,6 +491,9 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         for key in ("private_key", "password_file", "known_hosts"):
             if key in platform:
                 platform[key] = fix(platform[key])
+    mail = raw.get("mail")
+    if isinstance(mail, dict) and "password_file" in mail:
+        mail["password_file"] = fix(mail["password_file"])
     for account in raw.get("accounts") or []:
         if isinstance(account, dict):
             for key in ("password_file", "authorized_keys_file", "drop_dir"):

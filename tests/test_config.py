@@ -42,6 +42,8 @@ def test_example_config_is_valid(tmp_path):
 
     key = write_key_pair(tmp_path, "platform_ed25519")
     text = (REPO / "config" / "relayd.example.yaml").read_text().replace("/etc/relayd/platform_ed25519", str(key))
+    (tmp_path / "smtp.password").write_text("not a real password\n")
+    text = text.replace("/etc/relayd/smtp.password", str(tmp_path / "smtp.password"))
     path = tmp_path / "relayd.yaml"
     path.write_text(text)
     result = _check(path)
@@ -151,3 +153,14 @@ def test_hash_password_command():
     encoded = result.stdout.strip()
     assert "pa55word" not in encoded
     assert verify_password("pa55word", encoded) and not verify_password("other", encoded)
+
+
+def test_check_config_reads_the_smtp_password_file(tmp_path):
+    config = _minimal(tmp_path)
+    config["mail"] = {"host": "127.0.0.1", "sender": "relayd@example.org", "username": "relayd",
+                      "password_file": "missing.password"}
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _check(path)
+    assert result.returncode == 2
+    assert "mail: cannot read its password file" in result.stderr
