@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -22,6 +24,7 @@ from typing import Literal, Protocol
 import structlog
 
 from relayd.config import Config
+from relayd.events import NO_EVENTS, Events, PackageAccepted, PackageRejected
 from relayd.fsutil import ensure_dir, fsync_dir, link_or_copy, publish_file
 from relayd.inbound.handoff import hand_over
 from relayd.ledger import DuplicatePackage, Ledger, PackageRecord, utcnow
@@ -81,13 +84,32 @@ class NoAcks:
         return None
 
 
+#: verifying and handing over the largest package allowed takes seconds; minutes mean a wedge (a hung disk)
+PROCESS_BOUND_SECONDS = 300.0
+
+
 class Intake:
     """Verify, route, hand over and record committed uploads."""
 
-    def __init__(self, config: Config, ledger: Ledger, acks: AckSink | None = None):
+    def __init__(self, config: Config, ledger: Ledger, acks: AckSink | None = None, events: Events = NO_EVENTS):
         self.config = config
         self.ledger = ledger
         self.acks: AckSink = acks or NoAcks()
+        self.events = events
+        # Packages being processed now, and since when (monotonic): the watchdog's measure of "wedged".
+        self._running: dict[int, tuple[str, float]] = {}
+        self._running_lock = threading.Lock()
+
+    def stalled(self) -> str | None:
+        """A package whose processing has overrun :data:`PROCESS_BOUND_SECONDS`, if any; None when intake is healthy."""
+        now = time.monotonic()
+        with self._running_lock:
+            running = list(self._running.values())
+        late = [(name, now - since) for name, since in running if now - since > PROCESS_BOUND_SECONDS]
+        if not late:
+            return None
+        name, seconds = max(late, key=lambda item: item[1])
+        return f"processing {name} for {seconds:.0f} s"
 
     # -- staging ---------------------------------------------------------------------
 
@@ -122,6 +144,16 @@ class Intake:
 
     def process(self, staged: Path, *, last_chance: bool = False) -> Outcome:
         """Run one staged package to its end. Never raises for bad input."""
+        key = threading.get_ident()
+        with self._running_lock:
+            self._running[key] = (staged.name, time.monotonic())
+        try:
+            return self._process(staged, last_chance=last_chance)
+        finally:
+            with self._running_lock:
+                self._running.pop(key, None)
+
+    def _process(self, staged: Path, *, last_chance: bool) -> Outcome:
         upload = self._upload_of(staged)
         bound = log.bind(account=upload.account, peer=upload.peer, upload=upload.name)
         package: Package | None = None
@@ -194,6 +226,12 @@ class Intake:
         self._drop_sidecar(staged)
         bound.info("intake.accepted", inbox=str(final), sha256=package.sha256, size=package.size)
         self.acks.package_accepted(package)
+        extras = package.message.header.extras
+        email = extras.email if extras is not None else None
+        self.events.publish(PackageAccepted(
+            numero=package.numero, demarche=package.demarche, insee=package.insee, message_id=package.message_id,
+            size=package.size, email_subject=email.subject if email else None, email_body=email.body if email else None,
+        ))
         return Outcome("accepted", package.numero, final)
 
     def _duplicate(self, staged: Path, package: Package, record: PackageRecord, bound) -> Outcome:
@@ -242,6 +280,8 @@ class Intake:
         bound.warning("intake.rejected", code=rejection.reason.value, reason=rejection.detail, quarantine=str(target),
                       numero=record.numero)
         self.acks.package_rejected(envelope, rejection)
+        self.events.publish(PackageRejected(reason=rejection.reason.value, detail=rejection.detail, account=upload.account,
+                                            peer=upload.peer, insee=record.insee, numero=record.numero))
         return Outcome("rejected", record.numero, target, rejection)
 
     def quarantine_partial(self, uploaded: Path, upload: Upload, rejection: Rejection) -> Outcome:

@@ -9,13 +9,17 @@ attempt, so that a round means the same thing for each entry and backoff applies
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 
 from relayd.config import ReturnServer
+from relayd.events import NO_EVENTS, Events, HostKeyMismatch
 from relayd.outbound.outbox import Entry, Outbox
-from relayd.outbound.sftp_client import DeliveryError, ReturnServerClient
+from relayd.outbound.sftp_client import CHUNK_BYTES, DeliveryError, ReturnServerClient
 
 log = structlog.get_logger("relayd.delivery")
 
@@ -23,20 +27,69 @@ log = structlog.get_logger("relayd.delivery")
 SERVER_FAILURES = {"host_key_mismatch", "auth_failed", "connect_failed", "timeout"}
 #: failures that no retry can mend: the entry goes to dead-letter at once, for an operator
 PERMANENT_FAILURES = {"payload_missing", "remote_conflict"}
+#: a ledger step that takes longer than this means the ledger (or its disk) is stuck
+LEDGER_STEP_SECONDS = 10.0
+
+T = TypeVar("T")
 
 
 class DeliveryWorker:
     """Deliver due entries until cancelled."""
 
-    def __init__(self, outbox: Outbox, server: ReturnServer | None, *, poll_seconds: float = 5.0):
+    def __init__(self, outbox: Outbox, server: ReturnServer | None, *, poll_seconds: float = 5.0,
+                 events: Events = NO_EVENTS):
         self.outbox = outbox
+        self.events = events
         self.server = server
         self.client = ReturnServerClient(server) if server is not None else None
         # The CLI can change entries behind our back (retry, purge): look again this often.
         self.poll_seconds = poll_seconds
         self._wake = asyncio.Event()
-        #: when the worker last completed a loop (monotonic): a health signal for the watchdog
+        self._stopping = False
+        #: when the worker last completed a loop (monotonic)
         self.last_progress = time.monotonic()
+        #: the step under way and when it should be over by (monotonic): the watchdog's measure of "wedged"
+        self._step: tuple[str, float, float] | None = None
+
+    def reconfigure(self, server: ReturnServer | None) -> None:
+        """Use these return-server settings from the next connection on (SIGHUP)."""
+        if server == self.server:
+            return
+        old = self.client
+        self.server = server
+        self.client = ReturnServerClient(server) if server is not None else None
+        if old is not None:
+            # The connection in use (if any) finishes its file; it is closed at the next idle check.
+            asyncio.get_running_loop().create_task(old.close())
+        self.wake()
+
+    def stop(self) -> None:
+        """Finish the file under way, start no other, and return from :meth:`run` (graceful stop)."""
+        self._stopping = True
+        self._wake.set()
+
+    def stalled(self) -> str | None:
+        """What the worker is stuck on, if a step has overrun its bound; None when it is healthy.
+
+        Every step is bounded (SFTP operations by their timeouts, ledger writes by SQLite's),
+        so a step that overruns means a wedge: a hung disk, a lost thread, a bug.
+        """
+        if self._step is None:
+            return None
+        what, started, bound = self._step
+        late = time.monotonic() - started
+        return f"{what} for {late:.0f} s" if late > bound else None
+
+    async def _bounded(self, what: str, bound: float, work: Callable[[], Awaitable[T]]) -> T:
+        """Run one step, noting it for :meth:`stalled`."""
+        self._step = (what, time.monotonic(), bound)
+        try:
+            return await work()
+        finally:
+            self._step = None
+
+    async def _ledger(self, what: str, func: Callable[..., T], *args, **kwargs) -> T:
+        return await self._bounded(what, LEDGER_STEP_SECONDS, lambda: asyncio.to_thread(func, *args, **kwargs))
 
     def wake(self) -> None:
         """Look at the outbox now (call from the event loop's thread)."""
@@ -47,7 +100,7 @@ class DeliveryWorker:
         if self.client is None:
             log.warning("delivery.no_return_server", hint="configure `platform:`; acks and returns wait in the outbox")
         try:
-            while True:
+            while not self._stopping:
                 self._wake.clear()
                 if self.client is not None:
                     try:
@@ -56,7 +109,9 @@ class DeliveryWorker:
                         log.exception("delivery.round_failed", error=type(exc).__name__)
                         await asyncio.sleep(self.poll_seconds)
                 self.last_progress = time.monotonic()
-                wait = await asyncio.to_thread(self.outbox.next_attempt_in)
+                if self._stopping:
+                    break
+                wait = await self._ledger("reading the outbox", self.outbox.next_attempt_in)
                 timeout = self.poll_seconds if wait is None else min(wait, self.poll_seconds)
                 # asyncio.timeout, not wait_for: on Python 3.11, wait_for can swallow a cancellation
                 # that lands as the event fires, and the worker would then never stop.
@@ -79,18 +134,25 @@ class DeliveryWorker:
         """
         assert self.client is not None
         delivered = 0
-        while entries := await asyncio.to_thread(self.outbox.due):
+        while not self._stopping and (entries := await self._ledger("reading the outbox", self.outbox.due)):
             records: list[asyncio.Task[None]] = []
             try:
                 for i, entry in enumerate(entries):
+                    if self._stopping:
+                        break
                     try:
-                        await self._deliver(entry)
+                        await self._bounded(f"delivering outbox #{entry.id} ({entry.size} bytes)",
+                                            self._delivery_bound(entry), lambda e=entry: self._deliver(e))
                     except DeliveryError as exc:
-                        await asyncio.to_thread(self.outbox.failed, entry, exc.code, exc.message,
-                                                permanent=exc.code in PERMANENT_FAILURES)
+                        if exc.code == "host_key_mismatch" and self.server is not None:
+                            self.events.publish(HostKeyMismatch(host=self.server.host, port=self.server.port,
+                                                                message=exc.message))
+                        await self._ledger("recording a failed attempt", self.outbox.failed, entry, exc.code,
+                                           exc.message, permanent=exc.code in PERMANENT_FAILURES)
                         if exc.code in SERVER_FAILURES:
                             for rest in entries[i + 1:]:
-                                await asyncio.to_thread(self.outbox.failed, rest, exc.code, exc.message)
+                                await self._ledger("recording a failed attempt", self.outbox.failed, rest, exc.code,
+                                                   exc.message)
                             return delivered + len(records)
                         continue
                     records.append(asyncio.create_task(asyncio.to_thread(self.outbox.delivered, entry)))
@@ -100,7 +162,8 @@ class DeliveryWorker:
                 if records:
                     settled = asyncio.gather(*records)
                     try:
-                        await asyncio.shield(settled)
+                        await asyncio.shield(self._bounded("recording deliveries", LEDGER_STEP_SECONDS,
+                                                           lambda: settled))
                     except asyncio.CancelledError:
                         await settled  # a few milliseconds; the ledger closes only after this
                         raise
@@ -108,6 +171,13 @@ class DeliveryWorker:
                 break
             delivered += len(records)
         return delivered
+
+    def _delivery_bound(self, entry: Entry) -> float:
+        """How long one delivery may take at most: connecting, logging in, and each SFTP operation's timeout."""
+        assert self.server is not None
+        server = self.server
+        operations = 8 + math.ceil(entry.size / CHUNK_BYTES)  # stat, open, writes, fsync, close, rename, stat...
+        return server.connect_timeout_seconds + server.login_timeout_seconds + operations * server.operation_timeout_seconds
 
     async def _deliver(self, entry: Entry) -> None:
         assert self.client is not None and self.server is not None

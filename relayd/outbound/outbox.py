@@ -25,6 +25,7 @@ from pathlib import Path
 import structlog
 
 from relayd.config import Config, Retry
+from relayd.events import NO_EVENTS, DeadLetter, Events, ReplyDelivered
 from relayd.fsutil import ensure_dir, fsync_dir, publish_file, write_durably
 from relayd.ledger import Ledger, utcnow
 from relayd.pec.replies import ReplyPackage
@@ -92,8 +93,10 @@ class Outbox:
     """Queue, schedule and settle deliveries. Safe to share between threads."""
 
     def __init__(self, ledger: Ledger, folder: Path, archive: Path, retry: Retry,
-                 *, clock: Callable[[], float] = time.time, on_enqueue: Callable[[], None] | None = None):
+                 *, clock: Callable[[], float] = time.time, on_enqueue: Callable[[], None] | None = None,
+                 events: Events = NO_EVENTS):
         self.ledger = ledger
+        self.events = events
         self.folder = folder
         self.archive = archive
         self.retry = retry
@@ -199,6 +202,8 @@ class Outbox:
             else:
                 Ledger.event(db, entry.numero, "delivered", f"{entry.kind} delivered as {entry.remote_name}")
         self._move_to_archive(entry.payload, archived)
+        latency = max(0.0, self.clock() - datetime.fromisoformat(entry.created_at).timestamp())
+        self.events.publish(ReplyDelivered(kind=entry.kind, numero=entry.numero, latency_seconds=latency))
         log.info("outbox.delivered", id=entry.id, kind=entry.kind, numero=entry.numero, state=entry.target_state,
                  remote_name=entry.remote_name, attempts=entry.attempts + 1)
 
@@ -222,6 +227,8 @@ class Outbox:
         if dead:
             log.error("outbox.dead_letter", id=entry.id, kind=entry.kind, numero=entry.numero, attempts=attempts,
                       code=code, error=message)
+            self.events.publish(DeadLetter(entry_id=entry.id, kind=entry.kind, numero=entry.numero, attempts=attempts,
+                                           error_code=code, error=message))
         else:
             log.warning("outbox.retry_later", id=entry.id, kind=entry.kind, numero=entry.numero, attempts=attempts,
                         code=code, error=message, retry_in=round(next_at - now, 1))
@@ -234,6 +241,11 @@ class Outbox:
         return min(self.retry.max_seconds, jittered)
 
     # -- operator commands -----------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """How many entries are in each status (pending, delivered, dead, purged)."""
+        rows = self.ledger.query("SELECT status, COUNT(*) AS n FROM outbox GROUP BY status")
+        return {row["status"]: row["n"] for row in rows}
 
     def get(self, entry_id: int) -> Entry:
         """One entry by id. Raises KeyError."""

@@ -74,6 +74,19 @@ class DropWatcher:
         observer.start()
         self._observer = observer
 
+    def set_directories(self, directories: Sequence[Path]) -> None:
+        """Watch these directories from now on (a reload added or removed a commune); a scan follows at once."""
+        self.stop()
+        self.directories = [Path(d) for d in directories]
+        watched = set(self.directories)
+        # Forget files of directories no longer watched: they are the business software's again.
+        for table in (self._seen, self._offered, self._not_before, self._strays):
+            for path in [p for p in table if p.parent not in watched]:
+                del table[path]
+        self._renamed_in = {p for p in self._renamed_in if p.parent in watched}
+        self.start()
+        self._hint.set()
+
     def stop(self) -> None:
         """Stop watching."""
         if self._observer is not None:
