@@ -17,6 +17,7 @@ class Reason(StrEnum):
 
     PACKAGE_TOO_LARGE = "package_too_large"
     SESSION_UPLOAD_LIMIT = "session_upload_limit"
+    DISK_LOW = "disk_low"
     ZIP_INVALID = "zip_invalid"
     ZIP_CRC_MISMATCH = "zip_crc_mismatch"
     ZIP_PATH_TRAVERSAL = "zip_path_traversal"
@@ -64,6 +65,7 @@ class Reason(StrEnum):
 _SUMMARIES: dict[Reason, str] = {
     Reason.PACKAGE_TOO_LARGE: "The package is larger than this relay accepts.",
     Reason.SESSION_UPLOAD_LIMIT: "This session has uploaded more than this relay accepts in one session.",
+    Reason.DISK_LOW: "The relay is short of disk space and takes no upload for now; send it again later.",
     Reason.ZIP_INVALID: "The file is not a complete zip archive (truncated or not a zip).",
     Reason.ZIP_CRC_MISMATCH: "A member of the zip does not match its checksum: the file is corrupt.",
     Reason.ZIP_PATH_TRAVERSAL: "A member name climbs out of the archive with '..'.",

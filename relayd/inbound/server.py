@@ -22,7 +22,7 @@ import asyncio
 import os
 import posixpath
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -31,6 +31,9 @@ import structlog
 from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_TRUNC, FXF_WRITE
 
 from relayd.config import Config
+from relayd.events import Events, PackageReceived
+from relayd.inbound.defender import Defender, parse_address
+from relayd.inbound.diskguard import DiskGuard
 from relayd.inbound.intake import Intake, Outcome, Upload
 from relayd.inbound.passwords import hash_password, verify_password
 from relayd.rejections import Reason, Rejection
@@ -42,6 +45,9 @@ _GENERIC_DENIED = "permission denied"
 _SYNC_EVERY = 32 * 1024 * 1024
 # Compared against when the username is unknown, so that timing does not reveal which names exist.
 _DUMMY_HASH = hash_password("relayd-dummy-password")
+# Refused attempts (keys and passwords) one connection may make before it is cut, as OpenSSH's MaxAuthTries:
+# trying more keys then takes more connections, and each counts with the defender.
+_MAX_AUTH_TRIES = 6
 
 
 @dataclass
@@ -66,12 +72,32 @@ def resolve_auth(config: Config) -> dict[str, AccountAuth]:
 
 @dataclass
 class ServerState:
-    """What the running server shares between connections; replaced parts on reload."""
+    """What the running server shares between connections.
+
+    A reload replaces ``config`` and ``auth``: each connection reads them at every step, so
+    open sessions go on under the new limits and a new account can log in at once.
+    """
 
     config: Config
     intake: Intake
     auth: dict[str, AccountAuth]
-    connections: int = 0
+    events: Events = field(default_factory=Events)
+    #: every SSH connection open now
+    connections: set[RelaySSHServer] = field(default_factory=set)
+    #: every SFTP session open now
+    sessions: set[DropSFTPServer] = field(default_factory=set)
+    #: bans addresses that fail to log in too often (reads ``config.defender`` at each use)
+    defender: Defender = field(init=False)
+    #: refuses uploads while free space under the storage root is short (reads ``config`` at each use)
+    disk: DiskGuard = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.defender = Defender(lambda: self.config.defender, self.events)
+        self.disk = DiskGuard(lambda: self.config, self.events)
+
+    def uploads_in_flight(self) -> int:
+        """Sessions with an upload begun and not yet committed or discarded."""
+        return sum(1 for session in self.sessions if session.busy)
 
 
 class _Handle:
@@ -91,30 +117,80 @@ class _Handle:
 
 
 class RelaySSHServer(asyncssh.SSHServer):
-    """One SSH connection: authentication, the connection limit, and the peer for logs."""
+    """One SSH connection: authentication, the defender, the connection limits, and the peer for logs.
+
+    What the defender counts as a failure (see relayd/inbound/defender.py): each refused
+    password at once; refused public keys once per connection, when it ends without logging
+    in; a login from an address the account does not allow, like either of those.
+    """
 
     def __init__(self, state: ServerState):
         self._state = state
         self._conn: asyncssh.SSHServerConnection | None = None
         self._counted = False
         self.peer = "?"
+        #: the source address alone, as the defender and the per-address limit see it
+        self.ip = "?"
+        self._username = "?"
+        #: why this account may not log in from here (allowed_ips), or None
+        self._address_refused: str | None = None
+        self._keys_refused = 0
+        self._tries = 0
+        self._authenticated = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self._state.connections += 1
+        self.ip = str(peer[0]) if peer else "?"
+        if self._state.defender.refuses(self.ip):
+            # Banned: dropped before the version exchange, so a ban costs next to nothing.
+            conn.abort()
+            return
+        self._state.connections.add(self)
         self._counted = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._counted:
-            self._state.connections -= 1
+            self._state.connections.discard(self)
             self._counted = False
+        if self._keys_refused and not self._authenticated:
+            # One failure however many keys were offered: an OpenSSH client offers all it holds.
+            log.warning("sftp.auth_failed", account=self._username, peer=self.peer, method="publickey",
+                        keys_refused=self._keys_refused, why=self._address_refused or "no authorized key offered")
+            self._state.defender.failed(self.ip, self._username, "publickey")
+
+    def close(self) -> None:
+        """Close this connection (graceful stop): what it had not committed is discarded."""
+        if self._conn is not None:
+            self._conn.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until this connection is closed."""
+        if self._conn is not None:
+            await self._conn.wait_closed()
 
     def begin_auth(self, username: str) -> bool:
-        if self._state.connections > self._state.config.limits.max_sessions:
+        self._check_banned()
+        limits = self._state.config.limits
+        if len(self._state.connections) > limits.max_sessions:
             log.warning("sftp.too_many_sessions", peer=self.peer, account=username)
             raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
+        from_here = sum(1 for c in self._state.connections if c.ip == self.ip)
+        if from_here > limits.max_sessions_per_ip:
+            log.warning("sftp.too_many_sessions_per_ip", peer=self.peer, account=username,
+                        limit=limits.max_sessions_per_ip)
+            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections from your address")
+        # asyncssh calls this again when a client changes username, and clears the keys set before.
+        self._username = username
+        self._address_refused = None
+        account = self._state.config.account(username)
+        if account is not None and account.allowed_ips:
+            address = parse_address(self.ip)
+            if address is None or not any(address in net for net in account.allowed_ips):
+                # No key is trusted and no password matches: to the client, just a failed login.
+                self._address_refused = "address not in the account's allowed_ips"
+                return True
         auth = self._state.auth.get(username)
         if auth is not None and auth.authorized_keys is not None and self._conn is not None:
             self._conn.set_authorized_keys(auth.authorized_keys)
@@ -126,20 +202,46 @@ class RelaySSHServer(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return True
 
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # asyncssh asks only about keys that the account's authorized keys did not match.
+        self._check_banned()
+        self._keys_refused += 1
+        self._count_try()
+        return False
+
     async def validate_password(self, username: str, password: str) -> bool:
+        self._check_banned()
         auth = self._state.auth.get(username)
         encoded = auth.password_hash if auth and auth.password_hash else _DUMMY_HASH
         ok = await asyncio.to_thread(verify_password, password, encoded)
-        ok = ok and auth is not None and auth.password_hash is not None
+        ok = ok and auth is not None and auth.password_hash is not None and self._address_refused is None
         if ok:
             log.info("sftp.login", account=username, peer=self.peer, method="password")
-        else:
-            log.warning("sftp.auth_failed", account=username, peer=self.peer, method="password")
-        return ok
+            return True
+        log.warning("sftp.auth_failed", account=username, peer=self.peer, method="password",
+                    why=self._address_refused or "wrong password or unknown account")
+        # A failure that brings a ban is answered like any other; the next attempt is cut (_check_banned).
+        self._state.defender.failed(self.ip, username, "password")
+        self._count_try()
+        return False
 
     def auth_completed(self) -> None:
+        self._authenticated = True
         if self._conn is not None:
             log.info("sftp.authenticated", account=self._conn.get_extra_info("username"), peer=self.peer)
+
+    def _check_banned(self) -> None:
+        """Cut a connection whose address was banned while it was logging in."""
+        if self._state.defender.ban_remaining(self.ip):
+            raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                           "too many failed logins from your address; try again later")
+
+    def _count_try(self) -> None:
+        self._tries += 1
+        if self._tries >= _MAX_AUTH_TRIES:
+            log.warning("sftp.too_many_auth_tries", account=self._username, peer=self.peer, tries=self._tries)
+            raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                           "too many authentication failures")
 
 
 class DropSFTPServer(asyncssh.SFTPServer):
@@ -168,7 +270,15 @@ class DropSFTPServer(asyncssh.SFTPServer):
         # and clients that ignore close errors (paramiko does) still learn why a package was refused.
         self._outcomes: dict[str, int | str] = {}
         self._session_bytes = 0
+        #: commits being processed now: a graceful stop waits for them
+        self._committing = 0
         self.log = log.bind(account=self.account, peer=self.peer)
+        state.sessions.add(self)
+
+    @property
+    def busy(self) -> bool:
+        """Whether an upload is under way: a file open, written and not yet committed, or a commit running."""
+        return bool(self._open or self._created or self._committing)
 
     # -- paths -----------------------------------------------------------------------
 
@@ -208,6 +318,10 @@ class DropSFTPServer(asyncssh.SFTPServer):
         if not (self._is_package(local.name) or self._is_temporary(local.name)):
             self.log.info("sftp.denied", op="open", path=local.name, why="not a package or temporary name")
             raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
+        refusal = self._state.disk.refusal()
+        if refusal is not None:
+            self.log.warning("sftp.refused", op="open", path=local.name, code=refusal.reason.value)
+            raise asyncssh.SFTPFailure(refusal.client_message())
         flags = os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         flags |= os.O_CREAT if pflags & FXF_CREAT else 0
         flags |= os.O_TRUNC if pflags & FXF_TRUNC else 0
@@ -244,6 +358,9 @@ class DropSFTPServer(asyncssh.SFTPServer):
             handle.refusal = Rejection(Reason.PACKAGE_TOO_LARGE, "the upload outgrew the package size limit.")
         elif self._session_bytes + len(data) > limits.max_upload_bytes_per_session:
             handle.refusal = Rejection(Reason.SESSION_UPLOAD_LIMIT, "the session outgrew its upload limit.")
+        elif handle.refusal is None and (disk := self._state.disk.refusal()) is not None:
+            self.log.warning("sftp.refused", op="write", path=handle.name, code=disk.reason.value)
+            handle.refusal = disk
         if handle.refusal is not None:
             raise asyncssh.SFTPFailure(handle.refusal.client_message())
         written = os.pwrite(handle.fd, data, offset)
@@ -268,6 +385,10 @@ class DropSFTPServer(asyncssh.SFTPServer):
             self._discard_partial(handle.local, "session ended before the upload was closed")
             return
         upload = Upload(self.account, self.peer, handle.name)
+        if handle.refusal is not None and handle.refusal.reason is Reason.DISK_LOW:
+            # Nothing was accepted: what arrived is removed, not quarantined, which would take more space.
+            self._discard_partial(handle.local, "the disk ran short during the upload")
+            self._refuse(upload.name, Outcome("rejected", rejection=handle.refusal))
         if handle.refusal is not None:
             self._created.discard(handle.local)
             intake = self._state.intake
@@ -353,6 +474,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
         raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
 
     def exit(self) -> None:
+        self._state.sessions.discard(self)
         for leftover in list(self._created):
             self._discard_partial(leftover, "session ended before the upload was committed")
 
@@ -386,8 +508,13 @@ class DropSFTPServer(asyncssh.SFTPServer):
         size = local.stat().st_size
         intake = self._state.intake
         self.log.info("sftp.committed", upload=upload.name, size=size)
-        staged = await asyncio.to_thread(intake.stage, local, upload)
-        outcome: Outcome = await asyncio.to_thread(intake.process, staged)
+        self._state.events.publish(PackageReceived(account=self.account, peer=self.peer, size=size))
+        self._committing += 1
+        try:
+            staged = await asyncio.to_thread(intake.stage, local, upload)
+            outcome: Outcome = await asyncio.to_thread(intake.process, staged)
+        finally:
+            self._committing -= 1
         if outcome.status in ("accepted", "duplicate"):
             self._outcomes[upload.name] = size
             return
@@ -449,10 +576,37 @@ class InboundServer:
         assert self._acceptor is not None
         return self._acceptor.get_port()
 
-    async def close(self) -> None:
-        """Stop accepting connections and close the listener."""
+    def stop_accepting(self) -> None:
+        """Close the listener: no new connection is accepted; open ones go on."""
         if self._acceptor is not None:
             self._acceptor.close()
+
+    async def drain(self, grace_seconds: float) -> int:
+        """Let uploads under way finish for up to ``grace_seconds``; return how many were still running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        while self.state.uploads_in_flight() and loop.time() < deadline:
+            await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
+        return self.state.uploads_in_flight()
+
+    async def close(self, *, grace_seconds: float = 0.0) -> None:
+        """Stop accepting, let uploads under way finish within ``grace_seconds``, then close every connection.
+
+        A connection closed with an upload not yet committed loses it: asyncssh closes its
+        handles as the session ends, which is never a commit, so nothing partial is promoted.
+        A commit already running finishes in its worker thread before the process exits.
+        """
+        self.stop_accepting()
+        left = await self.drain(grace_seconds)
+        if left:
+            log.warning("sftp.uploads_cut", uploads=left, grace_seconds=grace_seconds)
+        connections = list(self.state.connections)
+        for connection in connections:
+            connection.close()
+        if connections:
+            await asyncio.gather(*(c.wait_closed() for c in connections), return_exceptions=True)
+        if self._acceptor is not None:
+            # Python 3.12 waits here for every connection; they are closed by now.
             await self._acceptor.wait_closed()
             self._acceptor = None
 
