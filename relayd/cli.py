@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import faulthandler
 import getpass
+import logging
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from relayd import __version__
@@ -57,6 +59,28 @@ def main(argv: list[str] | None = None) -> int:
     for p in (p_list, p_retry, p_purge):
         p.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
 
+    p_status = sub.add_parser(
+        "status", help="dossiers per commune, démarche and state; late and overdue ones; the outbox backlog",
+        description="Counts of dossiers per commune, démarche and state, the open dossiers past deadlines.warn_days "
+                    "(late) and deadlines.overdue_days (overdue), and the outbox backlog. Exit status: 0 when all "
+                    "is well (late dossiers included), 1 when a dossier is overdue or an outbox entry is in "
+                    "dead-letter (for monitoring), 2 on a configuration error.")
+    p_status.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
+    p_status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p_status.add_argument("--now", metavar="ISO8601", type=_moment,
+                          help="compute the report as of this time, e.g. 2025-07-01 or 2025-07-01T08:00+02:00")
+
+    p_retention = sub.add_parser(
+        "retention", help="purge once what has outlived the retention periods, and print it",
+        description="Remove archived files older than retention.archive_days, refused packages and drops older than "
+                    "retention.quarantine_days, and the personal data of dossiers closed more than "
+                    "retention.scrub_after_close_days ago (their reference stays in the ledger). The daemon does "
+                    "this every retention.check_hours. Exit status: 0, 1 if a file could not be removed.")
+    p_retention.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
+    p_retention.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p_retention.add_argument("--json", action="store_true", help="print JSON")
+    p_retention.add_argument("--now", metavar="ISO8601", type=_moment, help="purge as if it were this time")
+
     from relayd.testkit.cli import register as register_testkit
 
     register_testkit(sub)
@@ -69,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         config = _load_or_exit(args.config)
         configure_logging(config.logging.format, config.logging.level)
-        return _run(config)
+        return _run(config, args.config)
     if args.command == "demo":
         return _demo(args.dir, args.port, args.platform_port)
     if args.command == "hash-password":
@@ -88,11 +112,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "retry":
             return commands.outbox_retry(config, args.ids, dead=args.dead)
         return commands.outbox_purge(config, args.ids)
+    if args.command in ("status", "retention"):
+        from relayd.clock import SYSTEM_CLOCK, Clock
+
+        config = _load_or_exit(args.config)
+        now = (Clock.at(args.now) if args.now is not None else SYSTEM_CLOCK).now()
+        if args.command == "status":
+            from relayd.deadlines import run_command as status
+
+            return status(config, now, as_json=args.json)
+        from relayd.retention import run_command as retention
+
+        # The printed list says what was done; logs only say trouble, on stderr, away from the output.
+        configure_logging(config.logging.format, "warning")
+        logging.getLogger().handlers[0].setStream(sys.stderr)
+        return retention(config, now, dry_run=args.dry_run, as_json=args.json)
     if args.command == "testkit":
         from relayd.testkit.cli import run as run_testkit
 
         return run_testkit(args)
     return 2
+
+
+def _moment(text: str) -> datetime:
+    """An ISO 8601 date or time for ``--now``; without an offset it is local time."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
 
 
 def _load_or_exit(path: Path) -> Config:
@@ -112,6 +159,12 @@ def _check_config(path: Path) -> int:
     except ConfigError as exc:
         print(f"relayd: invalid configuration\n{path}: {exc}", file=sys.stderr)
         return 2
+    if config.mail is not None:
+        try:
+            config.mail.password()  # a named password file or credential must be readable by relayd
+        except ConfigError as exc:
+            print(f"relayd: invalid configuration\n{path}: {exc}", file=sys.stderr)
+            return 2
     if config.platform is not None:
         from relayd.outbound.sftp_client import DeliveryError, ReturnServerClient
 
@@ -125,11 +178,11 @@ def _check_config(path: Path) -> int:
     return 0
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, path: Path) -> int:
     from relayd import daemon
 
     try:
-        asyncio.run(daemon.run(config))
+        asyncio.run(daemon.run(config, config_path=path))
     except KeyboardInterrupt:
         pass
     return 0
@@ -157,7 +210,7 @@ def _demo(folder: Path, port: int, platform_port: int) -> int:
                   f"details in {path}", file=sys.stderr, flush=True)
 
         try:
-            await daemon.run(config, on_ready=ready)
+            await daemon.run(config, config_path=Path(info["config"]), on_ready=ready)
         finally:
             await platform.close()
 

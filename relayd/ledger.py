@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS dossiers (
     inbox_path    TEXT,
     archive_path  TEXT,
     routing       TEXT,
-    requested_state TEXT CHECK (requested_state IN ('recu', 'clos'))
+    requested_state TEXT CHECK (requested_state IN ('recu', 'clos')),
+    scrubbed_at   TEXT
 );
 
 CREATE TABLE IF NOT EXISTS events (
@@ -104,6 +105,7 @@ _MIGRATIONS = {
     "dossiers": {
         "routing": "TEXT",
         "requested_state": "TEXT CHECK (requested_state IN ('recu', 'clos'))",
+        "scrubbed_at": "TEXT",  # set by retention once the dossier's personal data has left the ledger
     },
 }
 
