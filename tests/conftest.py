@@ -78,6 +78,8 @@ class Relay:
     key: Path
     proc: subprocess.Popen | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    #: extra environment for the process (NOTIFY_SOCKET, WATCHDOG_USEC...)
+    env: dict[str, str] = field(default_factory=dict)
 
     def inbox(self, insee: str) -> Path:
         return self.root / "inbox" / insee
@@ -125,7 +127,7 @@ class Relay:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "relayd", "run", "-c", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -135,6 +137,10 @@ class Relay:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"relayd did not get ready:\n{self.log_text()}")
+
+    def write_config(self) -> None:
+        """Write ``self.config`` to the relay's configuration file (before a start or a SIGHUP)."""
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def _ready_count(self) -> int:
         return sum(e.get("event") == "relayd.ready" for e in self.events())
