@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import faulthandler
 import getpass
-import logging
 import signal
 import sys
 from datetime import datetime
@@ -113,25 +112,37 @@ def main(argv: list[str] | None = None) -> int:
             return commands.outbox_retry(config, args.ids, dead=args.dead)
         return commands.outbox_purge(config, args.ids)
     if args.command in ("status", "retention"):
-        from relayd.clock import SYSTEM_CLOCK, Clock
-
-        config = _load_or_exit(args.config)
-        now = (Clock.at(args.now) if args.now is not None else SYSTEM_CLOCK).now()
-        if args.command == "status":
-            from relayd.deadlines import run_command as status
-
-            return status(config, now, as_json=args.json)
-        from relayd.retention import run_command as retention
-
-        # The printed list says what was done; logs only say trouble, on stderr, away from the output.
-        configure_logging(config.logging.format, "warning")
-        logging.getLogger().handlers[0].setStream(sys.stderr)
-        return retention(config, now, dry_run=args.dry_run, as_json=args.json)
+        return _ledger_report(args)
     if args.command == "testkit":
         from relayd.testkit.cli import run as run_testkit
 
         return run_testkit(args)
     return 2
+
+
+def _ledger_report(args: argparse.Namespace) -> int:
+    """``relayd status`` and ``relayd retention``: both read (or purge) the ledger of a relay that has run."""
+    from contextlib import closing
+
+    from relayd.clock import SYSTEM_CLOCK, Clock
+    from relayd.ledger import Ledger
+
+    config = _load_or_exit(args.config)
+    now = (Clock.at(args.now) if args.now is not None else SYSTEM_CLOCK).now()
+    if not config.storage.ledger.exists():
+        print(f"relayd: no ledger at {config.storage.ledger}: relayd has not run with this configuration",
+              file=sys.stderr)
+        return 2
+    with closing(Ledger(config.storage.ledger)) as ledger:
+        if args.command == "status":
+            from relayd.deadlines import run_command as status
+
+            return status(ledger, config, now, as_json=args.json)
+        from relayd.retention import run_command as retention
+
+        # The printed list says what was done; logs only say trouble, on stderr, away from the output.
+        configure_logging(config.logging.format, "warning", stream=sys.stderr)
+        return retention(ledger, config, now, dry_run=args.dry_run, as_json=args.json)
 
 
 def _moment(text: str) -> datetime:

@@ -13,7 +13,6 @@ The report only reads the ledger: it can run while the daemon writes (WAL mode).
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -175,17 +174,9 @@ def build_report(ledger: Ledger, config: Config, now: datetime) -> StatusReport:
 # -- the command -------------------------------------------------------------------------
 
 
-def run_command(config: Config, now: datetime, *, as_json: bool = False) -> int:
+def run_command(ledger: Ledger, config: Config, now: datetime, *, as_json: bool = False) -> int:
     """``relayd status``: print the report; 1 when a dossier is overdue or an entry is in dead-letter, else 0."""
-    if not config.storage.ledger.exists():
-        print(f"relayd: no ledger at {config.storage.ledger}: relayd has not run with this configuration",
-              file=sys.stderr)
-        return 2
-    ledger = Ledger(config.storage.ledger)
-    try:
-        report = build_report(ledger, config, now)
-    finally:
-        ledger.close()
+    report = build_report(ledger, config, now)
     if as_json:
         print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
     else:

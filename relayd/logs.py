@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import structlog
 
@@ -23,9 +23,11 @@ def redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[st
     return event
 
 
-def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "info") -> None:
-    """Send relayd's and its libraries' logs to stdout, as JSON or for a human on a TTY."""
-    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "info", *,
+                      stream: TextIO | None = None) -> None:
+    """Send relayd's and its libraries' logs to ``stream`` (stdout), as JSON or for a human on a TTY."""
+    stream = stream or sys.stdout
+    console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -40,7 +42,7 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

@@ -53,7 +53,6 @@ import asyncio
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -344,17 +343,9 @@ class Retention:
 # -- the command -------------------------------------------------------------------------
 
 
-def run_command(config: Config, now: datetime, *, dry_run: bool = False, as_json: bool = False) -> int:
+def run_command(ledger: Ledger, config: Config, now: datetime, *, dry_run: bool = False, as_json: bool = False) -> int:
     """``relayd retention``: purge once and print what was removed (or would be); 1 if a file could not be removed."""
-    if not config.storage.ledger.exists():
-        print(f"relayd: no ledger at {config.storage.ledger}: relayd has not run with this configuration",
-              file=sys.stderr)
-        return 2
-    ledger = Ledger(config.storage.ledger)
-    try:
-        result = purge(config, ledger, now, dry_run=dry_run)
-    finally:
-        ledger.close()
+    result = purge(config, ledger, now, dry_run=dry_run)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
     else:
