@@ -144,6 +144,7 @@ async def run(config: Config, *, config_path: Path | None = None,
         intake.config = acks.config = drops.config = new
         if watcher.directories != _return_dirs(new):
             watcher.set_directories(_return_dirs(new))
+        outbox.reconfigure(new)
         worker.reconfigure(new.platform)
         for part in parts:
             part.reconfigure(new)

@@ -6,6 +6,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,3 +279,31 @@ def test_outside_systemd_nothing_is_sent_and_relayd_runs(make_relay):
     relay.stop()
     assert relay.proc.returncode == 0
     assert os.environ.get("NOTIFY_SOCKET") is None
+
+
+def test_sighup_adds_a_commune_whose_inbox_and_return_folder_work_at_once(make_relay, tmp_path: Path):
+    relay = make_relay()
+    samples = tmp_path / "samples"
+    made = subprocess.run([sys.executable, "-m", "relayd", "testkit", "sample", "--insee", "2B033", "--demarche", "ILE",
+                           "--seed", "7", "--out", str(samples)], capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    (package,) = samples.glob("*.zip")
+    # Not served yet: refused with its reason.
+    assert sftp_batch(relay, [f'put "{package}" "{package.name}"']).returncode != 0
+    assert relay.quarantined()[-1]["code"] == "insee_unknown"
+
+    relay.config["communes"].append({"insee": "2B033", "name": "Test 2B033", "inbox": "inbox/2B033",
+                                     "demarches": ["ILE"], "returns": "returns/2B033/retours",
+                                     "rejected": "returns/2B033/rejected"})
+    relay.config["accounts"][0]["communes"].append("2B033")
+    relay.write_config()
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: any(e.get("event") == "reload.done" for e in relay.events()), what="reload.done")
+
+    assert sftp_batch(relay, [f'put "{package}" "{package.name}"']).returncode == 0
+    (delivered,) = relay.inbox("2B033").iterdir()
+    numero = delivered.name.split("-ILE")[0]
+    # Its return folder is watched from now on: a status drop there is taken and queued for the platform.
+    assert relay.cli("return", numero, "--state", "recu").returncode == 0
+    wait_for(lambda: any(e["kind"] == "Retour" and e["numero"] == numero for e in relay.outbox()),
+             what="the Retour queued from the new commune's return folder")

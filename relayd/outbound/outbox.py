@@ -107,8 +107,11 @@ class Outbox:
     @classmethod
     def from_config(cls, ledger: Ledger, config: Config) -> Outbox:
         """The outbox in the configured storage, with the return server's retry policy."""
-        retry = config.platform.retry if config.platform is not None else Retry()
-        return cls(ledger, config.storage.outbox, config.storage.archive / "sent", retry)
+        return cls(ledger, config.storage.outbox, config.storage.archive / "sent", _retry_policy(config))
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the retry policy of a reloaded configuration; it applies from the next failed attempt."""
+        self.retry = _retry_policy(config)
 
     # -- queueing --------------------------------------------------------------------
 
@@ -344,6 +347,10 @@ class Outbox:
             if exc.errno != errno.EXDEV:
                 raise
             publish_file(payload, archived, mode=0o600, move=True)
+
+
+def _retry_policy(config: Config) -> Retry:
+    return config.platform.retry if config.platform is not None else Retry()
 
 
 def _iso(timestamp: float) -> str:
