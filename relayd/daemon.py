@@ -167,7 +167,10 @@ async def run(config: Config, *, config_path: Path | None = None,
     try:
         await stop.wait()
     finally:
+        if config_path is not None:
+            loop.remove_signal_handler(signal.SIGHUP)  # no reload half-way through a stop
         grace = config.server.stop_grace_seconds
+        deadline = loop.time() + grace
         notifier.stopping(f"stopping: {state.uploads_in_flight()} upload(s) under way, {grace:g} s to finish")
         log.info("relayd.stopping", uploads=state.uploads_in_flight(), grace_seconds=grace)
         watching.cancel()
@@ -177,10 +180,10 @@ async def run(config: Config, *, config_path: Path | None = None,
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, watching, return_exceptions=True)
-        # The worker was told to stop after its current file; past the grace it is cut, and the
-        # file is sent again at the next start (the remote name is the same).
+        # The worker was told to stop after its current file; past the grace (shared with the
+        # uploads) it is cut, and the file is sent again at the next start under the same name.
         try:
-            async with asyncio.timeout(max(grace, 1.0)):
+            async with asyncio.timeout(max(deadline - loop.time(), 1.0)):
                 await asyncio.shield(delivery)
         except TimeoutError:
             delivery.cancel()
