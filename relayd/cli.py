@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import faulthandler
 import getpass
+import os
 import signal
 import sys
 from datetime import datetime
@@ -153,6 +154,41 @@ def _moment(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
 
 
+def _config_problems(config: Config) -> list[str]:
+    """What would stop relayd at start-up although the file is valid: secrets it cannot read, folders it cannot write.
+
+    Run as the service's user (ExecStartPre= in relayd.service does), so that permissions and the
+    sandbox's read-only paths are those relayd will have.
+    """
+    from relayd.inbound.server import resolve_auth
+
+    problems = []
+    try:
+        resolve_auth(config)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if config.mail is not None:
+        try:
+            config.mail.password()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if config.platform is not None:
+        from relayd.outbound.sftp_client import DeliveryError, ReturnServerClient
+
+        try:
+            ReturnServerClient(config.platform).check_settings()
+        except DeliveryError as exc:
+            problems.append(f"platform: {exc.message}")
+    folders = [("storage.root", config.storage.root)]
+    # A host key that is absent is generated at the first start, so its folder must be writable.
+    folders += [("server.host_keys", key.parent) for key in config.server.host_keys if not key.exists()]
+    for key, folder in folders:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not os.access(existing, os.W_OK):
+            problems.append(f"{key}: relayd cannot write in {folder} ({existing} is read-only or not writable by this user)")
+    return problems
+
+
 def _load_or_exit(path: Path) -> Config:
     try:
         return load_config(path)
@@ -163,27 +199,10 @@ def _load_or_exit(path: Path) -> Config:
 
 def _check_config(path: Path) -> int:
     config = _load_or_exit(path)
-    try:
-        from relayd.inbound.server import resolve_auth
-
-        resolve_auth(config)
-    except ConfigError as exc:
-        print(f"relayd: invalid configuration\n{path}: {exc}", file=sys.stderr)
+    problems = _config_problems(config)
+    if problems:
+        print("relayd: invalid configuration\n" + "\n".join(f"{path}: {p}" for p in problems), file=sys.stderr)
         return 2
-    if config.mail is not None:
-        try:
-            config.mail.password()  # a named password file or credential must be readable by relayd
-        except ConfigError as exc:
-            print(f"relayd: invalid configuration\n{path}: {exc}", file=sys.stderr)
-            return 2
-    if config.platform is not None:
-        from relayd.outbound.sftp_client import DeliveryError, ReturnServerClient
-
-        try:
-            ReturnServerClient(config.platform).check_settings()
-        except DeliveryError as exc:
-            print(f"relayd: invalid configuration\n{path}: platform: {exc.message}", file=sys.stderr)
-            return 2
     print(f"{path}: OK ({len(config.accounts)} account(s), {len(config.communes)} commune(s), "
           f"return server {'configured' if config.platform else 'not configured: acks and returns wait in the outbox'})")
     return 0

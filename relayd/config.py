@@ -368,7 +368,10 @@ class Logging(_Strict):
 
 class Server(_Strict):
     listen: Listen = Listen()
-    host_keys: list[Path] = Field(default_factory=lambda: [Path("host_keys/ssh_host_ed25519_key")])
+    host_keys: list[Path] = Field(
+        default_factory=lambda: [Path("host_keys/ssh_host_ed25519_key")],
+        description="default: <storage.root>/host_keys/ssh_host_ed25519_key, where the service may write it",
+    )
     # Which upload names are temporary: a rename from one of these to a package name commits.
     temporary_suffixes: list[str] = Field(default_factory=lambda: [".tmp", ".part", ".filepart", ".partial"])
     package_suffixes: list[str] = Field(default_factory=lambda: [".zip"])
@@ -478,9 +481,16 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         storage["root"] = fix(storage["root"])
     server = raw.setdefault("server", {})
     if isinstance(server, dict):
-        keys = server.get("host_keys", [str(p) for p in Server().host_keys])
-        if isinstance(keys, list):
-            server["host_keys"] = [fix(k) for k in keys]
+        if "host_keys" in server:
+            keys = server["host_keys"]
+            if isinstance(keys, list):
+                server["host_keys"] = [fix(k) for k in keys]
+        elif isinstance(storage, dict) and isinstance(storage.get("root"), str):
+            # Generated on first start, so it goes where relayd may write (the service's state
+            # directory), not beside the configuration; a key made there by an earlier release stays.
+            default = Server().host_keys[0]
+            legacy = base / default
+            server["host_keys"] = [str(legacy if legacy.exists() else Path(storage["root"]) / default)]
     for commune in raw.get("communes") or []:
         if isinstance(commune, dict):
             for key in ("inbox", "returns", "rejected"):

@@ -158,7 +158,7 @@ async def run(config: Config, *, config_path: Path | None = None,
         loop.add_signal_handler(signal.SIGHUP, reload, config_path)
 
     health = Health(notifier, state, outbox, worker, [delivery, *tasks])
-    health.refresh_counts()
+    await health.read_counts()  # so that the first STATUS= shows the outbox as it is
     watching = asyncio.create_task(health.run(), name="health")
     if on_ready is not None:
         await on_ready(server)

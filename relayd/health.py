@@ -56,6 +56,16 @@ class Health:
         problems += [f"{task.get_name()} stopped" for task in self.tasks if task.done()]
         return problems
 
+    async def read_counts(self, timeout: float = 5.0) -> None:
+        """Read the outbox counts now (start-up, reload), waiting at most ``timeout`` for the ledger."""
+        self.refresh_counts()
+        assert self._reading is not None
+        try:
+            async with asyncio.timeout(timeout):
+                self._counts = await asyncio.shield(self._reading)
+        except TimeoutError:
+            log.warning("health.counts_late", timeout_seconds=timeout)
+
     def refresh_counts(self) -> None:
         """Start reading the outbox counts, unless the last read is still waiting on the ledger."""
         if self._reading is not None:

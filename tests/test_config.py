@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +166,50 @@ def test_check_config_reads_the_smtp_password_file(tmp_path):
     result = _check(path)
     assert result.returncode == 2
     assert "mail: cannot read its password file" in result.stderr
+
+
+def test_host_keys_default_to_the_storage_root_where_the_service_may_write(tmp_path):
+    from relayd.config import load_config
+
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(_minimal(tmp_path)))
+    assert load_config(path).server.host_keys == [tmp_path / "var" / "host_keys" / "ssh_host_ed25519_key"]
+    # A key that an earlier release generated beside the configuration is kept: the platform pins it.
+    legacy = tmp_path / "host_keys" / "ssh_host_ed25519_key"
+    legacy.parent.mkdir()
+    legacy.write_text("a key")
+    assert load_config(path).server.host_keys == [legacy]
+
+
+@pytest.fixture
+def shared_tmp() -> Path:
+    """A folder that other users can traverse (pytest's own are private to root)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="relayd-test-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_check_config_as_the_service_user_names_a_folder_it_cannot_write(shared_tmp):
+    """ExecStartPre= runs check-config as the relayd user: a host key it could not create is caught there."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and util-linux's setpriv to run check-config as another user")
+    tmp_path = shared_tmp
+    config = _minimal(tmp_path)
+    config["storage"]["root"] = str(tmp_path / "state")
+    config["server"] = {"host_keys": [str(tmp_path / "etc" / "host_keys" / "ssh_host_ed25519_key")]}
+    (tmp_path / "etc").mkdir(mode=0o755)  # root's, as /etc/relayd is
+    (tmp_path / "state").mkdir()
+    os.chown(tmp_path / "state", 65534, 65534)  # the service user's, as /var/lib/relayd is
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o644)
+    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    result = subprocess.run([*as_nobody, sys.executable, "-m", "relayd", "check-config", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"server.host_keys: relayd cannot write in {tmp_path / 'etc' / 'host_keys'}" in result.stderr
+    assert "storage.root" not in result.stderr

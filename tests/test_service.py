@@ -307,3 +307,13 @@ def test_sighup_adds_a_commune_whose_inbox_and_return_folder_work_at_once(make_r
     assert relay.cli("return", numero, "--state", "recu").returncode == 0
     wait_for(lambda: any(e["kind"] == "Retour" and e["numero"] == numero for e in relay.outbox()),
              what="the Retour queued from the new commune's return folder")
+
+
+def test_the_first_status_shows_what_waits_in_the_outbox(make_relay, notify: NotifySocket):
+    relay = make_relay()  # no return server: the AVL waits
+    assert sftp_batch(relay, [f'put "{REAL_PACKAGE}" "{REAL_PACKAGE.name}"']).returncode == 0
+    relay.stop()
+    relay.env = {"NOTIFY_SOCKET": str(notify.path)}
+    relay.start()
+    ready = notify.wait(lambda m: m.get("READY") == "1", what="READY=1")
+    assert "outbox 1 pending" in ready["STATUS"]
