@@ -376,11 +376,21 @@ def test_alerts_are_throttled(tmp_path, ledger):
     mailer.on_event(rejected(12))
     assert len(alerts()) == 7
 
-    # Every dead letter is told.
-    for entry in (1, 2):
-        mailer.on_event(DeadLetter(entry_id=entry, kind="Retour", numero="A-1-ABCDEFGH", attempts=200,
+    # Dead letters: the first at once; those that follow within the hour come together in one alert after it.
+    for entry in (1, 2, 3):
+        mailer.on_event(DeadLetter(entry_id=entry, kind="Retour", numero=f"A-1-ABCDEFG{entry}", attempts=200,
                                    error_code="connect_failed", error="connection refused"))
+    assert len(alerts()) == 8
+    assert "#1 " in queued(ledger)[-1]["body"] and "#2 " not in queued(ledger)[-1]["body"]
+    mailer.flush_held()
+    assert len(alerts()) == 8
+    clock.offset += timedelta(minutes=61)
+    mailer.flush_held()
     assert len(alerts()) == 9
+    summary = queued(ledger)[-1]
+    assert summary["subject"] == "[relayd] 2 envois abandonnés"
+    assert "#2 " in summary["body"] and "#3 " in summary["body"]
+    assert "relayd outbox retry -c <fichier de configuration> 2 3" in summary["body"]
 
     # Without an administrator address nobody is told; without mail, nothing is queued at all.
     mailer.reconfigure(make_config(tmp_path, mail_settings(1, admin=[])))

@@ -7,7 +7,8 @@ ledger, across restarts, until the server takes it or it is too old (``mail.max_
 
 Alerts to the administrator are throttled so that a problem that lasts gives one mail, not one
 per retry: a host-key mismatch once per distinct message per 24 hours, low disk once per
-episode, repeated rejections once per window.
+episode, repeated rejections once per window, dead letters at once and then gathered into
+one alert an hour.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ log = structlog.get_logger("relayd.mail")
 
 #: a host-key mismatch with the same message is told again after this long
 HOST_KEY_ALERT_EVERY = timedelta(hours=24)
+#: dead letters after the first are gathered into one alert this often: an outage can kill hundreds at once
+DEAD_LETTER_ALERT_EVERY = timedelta(hours=1)
 #: the state row that remembers the day of the last digest
 DIGEST_STATE = "digest_date"
 
@@ -59,6 +62,8 @@ class Mailer:
         self._disk_low = False
         self._rejected: deque[tuple[datetime, PackageRejected]] = deque()
         self._rejections_quiet_until: datetime | None = None
+        self._dead_alert_at: datetime | None = None
+        self._dead_held: list[DeadLetter] = []
 
     # -- the listener ----------------------------------------------------------------
 
@@ -83,7 +88,8 @@ class Mailer:
         if not admin:
             return []
         if isinstance(event, DeadLetter):
-            return [messages.dead_letter(event, admin)]
+            self._dead_held.append(event)
+            return self._held_dead_letters(admin, now)
         if isinstance(event, HostKeyMismatch):
             last = self._host_key_alerts.get(event.message)
             if last is not None and now - last < HOST_KEY_ALERT_EVERY:
@@ -97,6 +103,24 @@ class Mailer:
         if isinstance(event, PackageRejected):
             return self._rejection(event, settings, now)
         return []
+
+    def _held_dead_letters(self, admin: list[str], now: datetime) -> list[Draft]:
+        """The dead letters held so far, as one alert, if the last one was long enough ago."""
+        if not self._dead_held or (self._dead_alert_at is not None and now - self._dead_alert_at < DEAD_LETTER_ALERT_EVERY):
+            return []
+        held, self._dead_held = self._dead_held, []
+        self._dead_alert_at = now
+        return [messages.dead_letters(held, admin)]
+
+    def flush_held(self) -> None:
+        """Send what the throttle held back, once its time has come (called from the loop)."""
+        settings = self.config.mail
+        if settings is None or not settings.admin:
+            return
+        with self._lock:
+            drafts = self._held_dead_letters(settings.admin, self.clock.now())
+        if drafts:
+            self.queue(drafts)
 
     def _rejection(self, event: PackageRejected, settings: Mail, now: datetime) -> list[Draft]:
         """Count refusals in a sliding window; enough of them give one alert, then quiet for a window."""
@@ -144,6 +168,7 @@ class Mailer:
         while True:
             self._wake.clear()
             try:
+                await asyncio.to_thread(self.flush_held)
                 await self.digest_if_due()
                 await self.send_due()
             except Exception:  # one bad turn (e.g. a locked ledger) must not end mail for good

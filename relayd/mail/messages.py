@@ -139,18 +139,33 @@ def _lines(dossiers: Iterable[DossierAge], with_commune: bool, names: dict[str, 
 # -- alerts to the administrator -------------------------------------------------------
 
 
-def dead_letter(event: DeadLetter, admin: Sequence[str]) -> Draft:
-    """An outbox entry will not be retried by itself any more."""
-    dossier = f" du dossier {event.numero}" if event.numero else ""
-    body = (f"Bonjour,\n\nUn envoi vers la plateforme ({event.kind}{dossier}) a été abandonné après "
-            f"{event.attempts} tentative(s) : il ne sera plus retenté automatiquement.\n\n"
-            f"    Entrée de l'outbox : #{event.entry_id}\n"
-            f"    Type : {event.kind}\n"
-            f"    Dossier : {event.numero or '-'}\n"
-            f"    Erreur : {event.error_code} : {_one_line(event.error)}\n\n"
-            f"Une fois la cause corrigée, relancez-le :\n    relayd outbox retry -c <fichier de configuration> {event.entry_id}\n"
-            f"(`relayd outbox list` montre tous les envois en attente ou abandonnés.)\n\n{SIGNATURE}\n")
-    return Draft("alert", tuple(admin), f"[relayd] Envoi abandonné : {event.kind}{dossier}", body, numero=event.numero)
+#: at most this many entries are listed in one dead-letter alert; `relayd outbox list` has them all
+DEAD_LETTERS_LISTED = 50
+
+
+def dead_letters(events: Sequence[DeadLetter], admin: Sequence[str]) -> Draft:
+    """Outbox entries that will not be retried by themselves any more: one, or those held since the last alert."""
+    first = events[0]
+    if len(events) == 1:
+        dossier = f" du dossier {first.numero}" if first.numero else ""
+        subject = f"[relayd] Envoi abandonné : {first.kind}{dossier}"
+        intro = (f"Un envoi vers la plateforme ({first.kind}{dossier}) a été abandonné après {first.attempts} "
+                 f"tentative(s) : il ne sera plus retenté automatiquement.")
+    else:
+        subject = f"[relayd] {len(events)} envois abandonnés"
+        intro = (f"{len(events)} envois vers la plateforme ont été abandonnés depuis la dernière alerte : ils ne seront "
+                 f"plus retentés automatiquement.")
+    lines = [f"    #{e.entry_id}  {e.kind:<6}  {e.numero or '-':<12}  {e.attempts} tentative(s)  "
+             f"{e.error_code} : {_one_line(e.error)}" for e in events[:DEAD_LETTERS_LISTED]]
+    if len(events) > DEAD_LETTERS_LISTED:
+        lines.append(f"    ... et {len(events) - DEAD_LETTERS_LISTED} autre(s)")
+    ids = " ".join(str(e.entry_id) for e in events[:DEAD_LETTERS_LISTED])
+    body = (f"Bonjour,\n\n{intro}\n\n    Entrée  Type    Dossier       Tentatives      Erreur\n" + "\n".join(lines) +
+            f"\n\nUne fois la cause corrigée, relancez-les :\n    relayd outbox retry -c <fichier de configuration> {ids}\n"
+            f"ou tous les envois abandonnés d'un coup :\n    relayd outbox retry -c <fichier de configuration> --dead\n"
+            f"(`relayd outbox list` montre tous les envois en attente ou abandonnés.) Les abandons suivants sont "
+            f"regroupés dans une alerte par heure au plus.\n\n{SIGNATURE}\n")
+    return Draft("alert", tuple(admin), subject, body, numero=first.numero if len(events) == 1 else None)
 
 
 def host_key_mismatch(event: HostKeyMismatch, admin: Sequence[str]) -> Draft:
