@@ -92,13 +92,18 @@ class Relay:
         return self.root / "returns" / insee / "retours"
 
     def rejected(self, insee: str = "90017") -> list[dict[str, Any]]:
-        """Every reason file in the commune's rejected folder, with the refused file's path."""
+        """Every refusal in the commune's rejected folder whose refused file has arrived too, with its path.
+
+        relayd writes the reason first and moves the refused file in after, so a refusal is
+        complete, as the business software would see it, only once both are there.
+        """
         folder = self.root / "returns" / insee / "rejected"
         out = []
         for reason in sorted(folder.glob("*.reason.json")):
             data = json.loads(reason.read_text())
             data["_file"] = reason.with_name(reason.name.removesuffix(".reason.json"))
-            out.append(data)
+            if data["_file"].exists():
+                out.append(data)
         return out
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

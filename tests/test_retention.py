@@ -229,7 +229,12 @@ def test_the_daemon_purges_by_itself_and_follows_a_reload(make_relay, tmp_path):
     relay.config_path.write_text(yaml.safe_dump(relay.config, sort_keys=False))
     relay.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: not any(p.exists() for p in pair), timeout=60, what="the purge after the reload")
-    done = [e for e in relay.events() if e.get("event") == "retention.done" and e.get("quarantine")]
-    assert done and done[-1]["quarantine"] == 2
-    assert "A-1-BRKN0009" not in json.dumps(done) and "broken" not in json.dumps(done)
+
+    def done() -> list[dict]:
+        return [e for e in relay.events() if e.get("event") == "retention.done" and e.get("quarantine")]
+
+    # The files go first; the purge's summary is logged once it has finished.
+    wait_for(done, timeout=30, what="the purge's retention.done")
+    assert done()[-1]["quarantine"] == 2
+    assert "A-1-BRKN0009" not in json.dumps(done()) and "broken" not in json.dumps(done())
     assert relay.proc.poll() is None
