@@ -7,7 +7,8 @@ communes, a kind is one of the outbox's; anything else is counted under ``other`
 
 The HTTP server runs in its own threads (the standard library's ``wsgiref``, as prometheus_client's
 ``start_http_server`` does), bound only to ``metrics.listen`` (loopback by default), and serves
-``/metrics`` only. A scrape reads the ledger with a few short COUNT queries; it never writes.
+``/metrics`` only. A scrape reads the ledger through :func:`relayd.deadlines.build_report`, as
+``relayd status`` does, so both count late and overdue dossiers alike; it never writes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from relayd.clock import SYSTEM_CLOCK, Clock
 from relayd.config import Config, Listen
+from relayd.deadlines import build_report
 from relayd.events import (
     AddressBanned,
     AuthFailed,
@@ -234,20 +236,15 @@ class LedgerCollector(Collector):
             yield from (sessions, uploads)
 
     def _read_ledger(self) -> dict[str, dict[str, int]]:
-        deadlines = self._config().deadlines
-        now = self._clock.now().isoformat()
-        outbox = self._ledger.query("SELECT status, COUNT(*) AS n FROM outbox WHERE status IN ('pending', 'dead')"
-                                    " GROUP BY status")
-        dossiers = self._ledger.query("SELECT state, COUNT(*) AS n FROM dossiers GROUP BY state")
-        # The age counts from the relay's receipt, as `relayd status` does; a closed dossier is never late.
-        late = self._ledger.query(
-            "SELECT COALESCE(SUM(age >= ? AND age < ?), 0) AS late, COALESCE(SUM(age >= ?), 0) AS overdue"
-            " FROM (SELECT julianday(?) - julianday(received_at) AS age FROM dossiers WHERE state != 'clos')",
-            (deadlines.warn_days, deadlines.overdue_days, deadlines.overdue_days, now))
+        # The same report as `relayd status` and the digest: one definition of late and overdue.
+        report = build_report(self._ledger, self._config(), self._clock.now())
+        states: dict[str, int] = {}
+        for (_insee, _demarche, state), n in report.counts.items():
+            states[state] = states.get(state, 0) + n
         return {
-            "outbox": {row["status"]: row["n"] for row in outbox},
-            "dossiers": {row["state"]: row["n"] for row in dossiers},
-            "late": {"late": late[0]["late"], "overdue": late[0]["overdue"]},
+            "outbox": {"pending": report.outbox_pending, "dead": report.outbox_dead},
+            "dossiers": dict(states),
+            "late": {"late": len(report.late), "overdue": len(report.overdue)},
         }
 
 
