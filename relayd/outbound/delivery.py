@@ -46,8 +46,6 @@ class DeliveryWorker:
         self.poll_seconds = poll_seconds
         self._wake = asyncio.Event()
         self._stopping = False
-        #: when the worker last completed a loop (monotonic)
-        self.last_progress = time.monotonic()
         #: the step under way and when it should be over by (monotonic): the watchdog's measure of "wedged"
         self._step: tuple[str, float, float] | None = None
 
@@ -108,7 +106,6 @@ class DeliveryWorker:
                     except Exception as exc:  # noqa: BLE001 - the worker outlives any one surprise
                         log.exception("delivery.round_failed", error=type(exc).__name__)
                         await asyncio.sleep(self.poll_seconds)
-                self.last_progress = time.monotonic()
                 if self._stopping:
                     break
                 wait = await self._ledger("reading the outbox", self.outbox.next_attempt_in)
@@ -156,7 +153,6 @@ class DeliveryWorker:
                             return delivered + len(records)
                         continue
                     records.append(asyncio.create_task(asyncio.to_thread(self.outbox.delivered, entry)))
-                    self.last_progress = time.monotonic()
             finally:
                 # Settle every record, even when cancelled: each stands for a file the server has.
                 if records:
