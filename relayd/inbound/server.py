@@ -375,8 +375,10 @@ class DropSFTPServer(asyncssh.SFTPServer):
 
     def _is_package(self, name: str) -> bool:
         # A temporary prefix or suffix wins: `.in.X.zip.` and `inprogress.X.zip` are still being written.
+        # A hidden name is never a package, whatever the prefixes configured.
         suffixes = self._state.config.server.package_suffixes
-        return not self._is_temporary(name) and any(name.lower().endswith(s.lower()) for s in suffixes)
+        return (not self._is_temporary(name) and not name.startswith(".")
+                and any(name.lower().endswith(s.lower()) for s in suffixes))
 
     # -- files -----------------------------------------------------------------------
 
