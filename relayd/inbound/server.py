@@ -1,19 +1,29 @@
 """The inbound SFTP server: who may log in, what they may do, and when an upload is complete.
 
 The SFTP surface is deliberately small (contract 7). An account sees only its drop
-folder, as ``/``. It may write package files (``*.zip``) or temporary files
-(``*.tmp``, ``*.part``...), rename a temporary file to a package name, list the folder
-and remove its own files. Nothing else: no reads, no sub-folders, no links, no setstat.
-Modes are forced, whatever the client asks.
+folder, as ``/`` (and as its configured ``directory``, e.g. ``/depot``, whose parents are
+read-only folders). It may write package files (``*.zip``, any case) or temporary files
+(``server.temporary_prefixes`` / ``temporary_suffixes``, any case, winning over ``.zip``),
+rename a temporary file to a package name, list the folder and remove its own files.
+Nothing else: no reads, no sub-folders, no links. Setstat of times and permissions is
+accepted and ignored (modes are forced); ownership, setuid bits and size changes are refused.
+
+Each open for writing gets a private file of its own (relayd/inbound/uploads.py): no other
+handle, session or connection shares it. Writes may come out of order within a pipelining
+window but may leave no gap (``upload_hole``); limits count the file's size.
 
 Completion (contract 1): a package is committed by
 
-* a rename from a temporary name to a package name, or
+* a rename from a temporary name to a package name (of this session's own closed file
+  under that name, or else of what the drop folder shows under it), or
 * an explicit close of a handle written under a package name.
 
 A close that asyncssh issues because the session dropped is never a commit: the file is
-a partial and is removed. Intake runs before the rename or close is answered, so the
-client learns the outcome on that very request.
+a partial and is removed. Intake runs (in its own bounded pool) before the rename or close
+is answered, so the client learns the outcome on that very request. A second writer of a
+name is a separate upload: its commit is a resend (``duplicate``, answered OK) or a
+conflict (``dossier_conflict``). Every request is guarded: a client only ever reads
+generic text, never an exception's.
 """
 
 from __future__ import annotations
@@ -724,6 +734,8 @@ class DropSFTPServer(asyncssh.SFTPServer):
         self._committing += 1
         try:
             staged = await self._in_pool(intake.stage, local, upload)
+            if not self._open and not self._closed:
+                self._area.tidy()  # before the answer: an idle drop folder holds nothing of relayd's
             outcome: Outcome = await self._in_pool(intake.process, staged)
         finally:
             self._committing -= 1
