@@ -22,6 +22,7 @@ from paramiko.message import Message
 from paramiko.sftp import CMD_STATUS, CMD_WRITE, SFTP_OK, int64
 
 from conftest import PASSWORD, REAL_PACKAGE, paramiko_client, sftp_batch
+from relayd.inbound.uploads import AREA_NAME
 from relayd.testkit.samples import SampleSpec, build_package
 
 PACKAGE = REAL_PACKAGE.read_bytes()
@@ -143,6 +144,18 @@ def test_a_second_connection_cannot_change_a_committed_package(relay):
         with pytest.raises(OSError, match="refused"):
             stale.posix_rename("X.zip.part", "X.zip")
     _assert_inbox_is_what_was_verified(relay, [PACKAGE])
+
+
+def test_a_planted_link_in_place_of_the_upload_area_is_not_followed(relay):
+    """A symlink where relayd keeps uploads under way (left by someone on the host) is never written through."""
+    outside = relay.root / "outside-folder"
+    outside.mkdir()
+    (relay.drop() / AREA_NAME).symlink_to(outside)
+    with _session(relay) as client:
+        with pytest.raises(OSError):
+            client.put(str(REAL_PACKAGE), "X.zip.part")
+        assert client.listdir("/") == []
+    assert list(outside.iterdir()) == []
 
 
 def test_same_name_in_two_sessions_each_commits_its_own(relay):

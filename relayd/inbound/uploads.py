@@ -19,6 +19,7 @@ import bisect
 import errno
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -60,6 +61,9 @@ class UploadArea:
         """Run ``operation``, which creates a name in the area, making the area first (again, if a tidy raced)."""
         for _ in range(3):
             self.path.mkdir(mode=0o700, exist_ok=True)
+            if not stat.S_ISDIR(os.lstat(self.path).st_mode):
+                # Planted by someone on the host (a link out of the drop folder): never write through it.
+                raise PermissionError(errno.EPERM, "the upload area is not a folder")
             try:
                 return operation()
             except FileNotFoundError:
@@ -95,6 +99,9 @@ class UploadArea:
 
     def discard_leftovers(self, account: str) -> None:
         """Remove what a previous run left in the area (start-up only: no session is open)."""
+        if self.path.is_symlink():
+            self.path.unlink()  # never followed: what it points to is not relayd's
+            return
         if not self.path.is_dir():
             return
         for leftover in self.path.iterdir():
