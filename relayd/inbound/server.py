@@ -392,7 +392,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
 
     # -- files -----------------------------------------------------------------------
 
-    def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> _Handle:
+    async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> _Handle:
         if not pflags & FXF_WRITE:
             self.log.info("sftp.denied", op="read", path=os.fsdecode(path))
             raise asyncssh.SFTPPermissionDenied(_GENERIC_DENIED)
@@ -423,8 +423,8 @@ class DropSFTPServer(asyncssh.SFTPServer):
         fd, private = self._area.create()
         handle = _Handle(fd, private, local.name, append=bool(pflags & FXF_APPEND))
         if existing is not None and not pflags & FXF_TRUNC:
-            try:  # a resumed upload goes on from its own copy of what was there
-                size = copy_into(existing, fd, self._state.config.limits.max_package_bytes)
+            try:  # a resumed upload goes on from its own copy of what was there (off the loop: it may be large)
+                size = await self._in_pool(copy_into, existing, fd, self._state.config.limits.max_package_bytes)
             except OSError:
                 os.close(fd)
                 private.unlink(missing_ok=True)
