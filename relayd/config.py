@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from relayd.inbound.passwords import hash_password, is_password_hash
 from relayd.pec.zipcheck import PackageLimits
+from relayd.ssh_algorithms import ProfileName
 
 INSEE_PATTERN = r"^(?:[0-9]{5}|2[AB][0-9]{3})$"
 
@@ -52,6 +53,19 @@ class _Strict(BaseModel):
 class Listen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=2222, ge=0, le=65535)
+
+
+class SFTPListen(Listen):
+    """One address the SFTP server listens on, with the algorithm profile it offers there."""
+
+    profile: ProfileName | None = Field(
+        default=None, description="modern or legacy; default: server.profile. Negotiated before login, so per listener"
+    )
+
+
+#: The host key types relayd can make and serve, by their name in the configuration.
+HOST_KEY_TYPES: dict[str, str] = {"ed25519": "ssh-ed25519", "ecdsa": "ecdsa-sha2-nistp256", "rsa": "ssh-rsa"}
+HostKeyType = Literal["ed25519", "ecdsa", "rsa"]
 
 
 class Limits(PackageLimits):
@@ -367,10 +381,18 @@ class Logging(_Strict):
 
 
 class Server(_Strict):
-    listen: Listen = Listen()
+    listen: SFTPListen | list[SFTPListen] = Field(
+        default_factory=SFTPListen, description="one address, or a list of them (each may have its own profile)"
+    )
+    profile: ProfileName = Field(default="modern", description="the algorithms offered: modern, or legacy (SHA-1)")
     host_keys: list[Path] = Field(
         default_factory=lambda: [Path("host_keys/ssh_host_ed25519_key")],
         description="default: <storage.root>/host_keys/ssh_host_ed25519_key, where the service may write it",
+    )
+    host_key_types: list[HostKeyType] = Field(
+        default_factory=lambda: ["ed25519", "ecdsa", "rsa"],
+        min_length=1,
+        description="the host key types served; one missing from host_keys is made beside the first of them",
     )
     # Which upload names are temporary: a rename from one of these to a package name commits.
     temporary_suffixes: list[str] = Field(default_factory=lambda: [".tmp", ".part", ".filepart", ".partial"])
@@ -378,6 +400,25 @@ class Server(_Strict):
     stop_grace_seconds: float = Field(
         default=30.0, ge=0, description="on SIGTERM, uploads in flight have this long to finish before they are cut"
     )
+
+    @field_validator("host_key_types")
+    @classmethod
+    def _distinct_types(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a host key type appears more than once")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _some_listener(cls, value: SFTPListen | list[SFTPListen]) -> SFTPListen | list[SFTPListen]:
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one address to listen on")
+        return value
+
+    def listeners(self) -> list[SFTPListen]:
+        """Every address to listen on, each with its profile resolved."""
+        entries = self.listen if isinstance(self.listen, list) else [self.listen]
+        return [e if e.profile is not None else e.model_copy(update={"profile": self.profile}) for e in entries]
 
 
 class Config(_Strict):
