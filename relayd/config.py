@@ -381,8 +381,9 @@ class Logging(_Strict):
 
 
 class Server(_Strict):
-    listen: SFTPListen | list[SFTPListen] = Field(
-        default_factory=SFTPListen, description="one address, or a list of them (each may have its own profile)"
+    listen: SFTPListen = SFTPListen()
+    extra_listen: list[SFTPListen] = Field(
+        default_factory=list, description="more addresses to listen on, each with its own profile (e.g. one legacy port)"
     )
     profile: ProfileName = Field(default="modern", description="the algorithms offered: modern, or legacy (SHA-1)")
     host_keys: list[Path] = Field(
@@ -408,16 +409,9 @@ class Server(_Strict):
             raise ValueError("a host key type appears more than once")
         return value
 
-    @field_validator("listen")
-    @classmethod
-    def _some_listener(cls, value: SFTPListen | list[SFTPListen]) -> SFTPListen | list[SFTPListen]:
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one address to listen on")
-        return value
-
     def listeners(self) -> list[SFTPListen]:
-        """Every address to listen on, each with its profile resolved."""
-        entries = self.listen if isinstance(self.listen, list) else [self.listen]
+        """Every address to listen on (``listen`` first, then ``extra_listen``), each with its profile resolved."""
+        entries = [self.listen, *self.extra_listen]
         return [e if e.profile is not None else e.model_copy(update={"profile": self.profile}) for e in entries]
 
 

@@ -8,8 +8,8 @@ One home for every list, so that a hardening decision is made once:
 - No GSS key exchange (it authenticates the server through Kerberos and no host key, which
   would bypass host-key pinning).
 
-Two profiles for the inbound server, chosen per listener (``server.profile``, or a
-``server.listen`` entry's ``profile``):
+Two profiles for the inbound server, chosen per listener (``server.profile``, or the
+``profile`` of ``server.listen`` or of an ``server.extra_listen`` entry):
 
 - ``modern`` (the default): no SHA-1 anywhere. It covers OpenSSH, PuTTY, libssh2 (curl,
   lftp's ssh), paramiko and JSch 0.1.55 with its default settings, which offers

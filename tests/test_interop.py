@@ -275,6 +275,9 @@ def _paramiko(relay, classes, keys, auth, local: Path, remote: str, style: str) 
 CLIENTS = {"jsch": _jsch, "lftp": _lftp, "curl": _curl, "psftp": _psftp, "openssh": _openssh, "paramiko": _paramiko}
 # curl's direct upload does not look at the answer to its close: a refusal there looks like success.
 SILENT_DIRECT_REFUSAL = {"curl"}
+# What each client shows of a refusal: the relay's reason where it passes the server's message on.
+SHOWS_REFUSAL = {"jsch": "sftp-error id=4 refused (xml_forbidden): ", "lftp": "Access failed: refused (xml_forbidden): ",
+                 "paramiko": "refused (xml_forbidden): ", "openssh": "Failure", "psftp": "failure", "curl": "failed"}
 # `sftp -b` never asks for a password (it runs ssh in batch mode); lftp drives OpenSSH's ssh by password.
 KEY_ONLY = {"openssh"}
 
@@ -307,6 +310,7 @@ def test_client_delivers_in_both_styles_and_sees_a_refusal(client, installation,
             assert result.ok, result.output
         else:
             assert not result.ok, f"{client} {style} took a refused package for delivered: {result.output}"
+            assert SHOWS_REFUSAL[client] in result.output, result.output
     assert not (relay.inbox("90017") / "A-1-BRKN0001-RCO.zip").exists()
 
 
@@ -444,8 +448,8 @@ SHA1_ONLY_JSCH = {"kex": "diffie-hellman-group14-sha1", "mac.c2s": "hmac-sha1", 
 def test_legacy_listener_lets_a_sha1_only_stack_in_and_modern_keeps_it_out(make_relay, keys, jsch_classes):
     legacy_port = free_port()
     relay = make_relay(start=False)
-    relay.config["server"] = {"listen": [relay.config["server"]["listen"],
-                                         {"host": "127.0.0.1", "port": legacy_port, "profile": "legacy"}]}
+    relay.config["server"] = {"listen": relay.config["server"]["listen"],
+                              "extra_listen": [{"host": "127.0.0.1", "port": legacy_port, "profile": "legacy"}]}
     relay.config["accounts"][0]["authorized_keys"].append(keys.public)
     relay.write_config()
     relay.start()
