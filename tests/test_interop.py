@@ -524,3 +524,13 @@ def test_openssh_delivers_into_the_accounts_directory(make_relay):
                              "plateforme@127.0.0.1"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert_delivered(relay, 0, REAL_PACKAGE.name)
+
+
+def test_an_unknown_profile_or_key_type_is_named_by_check_config(make_relay):
+    relay = make_relay(start=False)
+    relay.config["server"].update(profile="ancient", host_key_types=["ed25519", "dsa"])
+    relay.write_config()
+    check = relay.cli("check-config")
+    assert check.returncode == 2
+    assert "server.profile: Input should be 'modern' or 'legacy'" in check.stderr, check.stderr
+    assert "server.host_key_types.1: Input should be 'ed25519', 'ecdsa' or 'rsa'" in check.stderr, check.stderr

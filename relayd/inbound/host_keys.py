@@ -130,10 +130,12 @@ def ensure_host_keys(config: Config) -> list[asyncssh.SSHKey]:
                 log.error("sftp.host_key_not_made", path=str(host_key.path), type=host_key.type, error=str(exc),
                           served=[p.type for p in existing])
                 continue
-            event = "sftp.host_key_added" if existing else "sftp.host_key_generated"
-            # An existing installation's platform pins its current key: it is kept, and it can add this one.
-            log.info(event, path=str(host_key.path), type=host_key.type, fingerprint=key.get_fingerprint(),
-                     hint="hand it to the platform: relayd fingerprints" if existing else None)
+            made = {"path": str(host_key.path), "type": host_key.type, "fingerprint": key.get_fingerprint()}
+            if existing:
+                # The platform pins the current key, which is kept; it can add this one to what it trusts.
+                log.info("sftp.host_key_added", **made, hint="hand it to the platform: relayd fingerprints")
+            else:
+                log.info("sftp.host_key_generated", **made)
         keys.append(asyncssh.read_private_key(host_key.path))
     return keys
 
