@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     p_retention.add_argument("--json", action="store_true", help="print JSON")
     p_retention.add_argument("--now", metavar="ISO8601", type=_moment, help="purge as if it were this time")
 
+    p_fp = sub.add_parser("fingerprints", help="print the host keys as known_hosts lines, with SHA256 and MD5 fingerprints")
+    p_fp.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
+    p_fp.add_argument("--host", help="the name the platform connects to (default: the listening address)")
+
     from relayd.testkit.cli import register as register_testkit
 
     register_testkit(sub)
@@ -114,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         return commands.outbox_purge(config, args.ids)
     if args.command in ("status", "retention"):
         return _ledger_report(args)
+    if args.command == "fingerprints":
+        from relayd.fingerprints import run_command as fingerprints
+
+        return fingerprints(_load_or_exit(args.config), args.host)
     if args.command == "testkit":
         from relayd.testkit.cli import run as run_testkit
 
@@ -203,6 +211,11 @@ def _check_config(path: Path) -> int:
     if problems:
         print("relayd: invalid configuration\n" + "\n".join(f"{path}: {p}" for p in problems), file=sys.stderr)
         return 2
+    legacy = [f"{listen.host}:{listen.port}" for listen in config.server.listeners() if listen.profile == "legacy"]
+    if legacy:
+        from relayd.ssh_algorithms import legacy_warning
+
+        print(f"relayd: warning: {path}: {legacy_warning(legacy)}", file=sys.stderr)
     print(f"{path}: OK ({len(config.accounts)} account(s), {len(config.communes)} commune(s), "
           f"return server {'configured' if config.platform else 'not configured: acks and returns wait in the outbox'})")
     return 0

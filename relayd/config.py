@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from relayd.inbound.passwords import hash_password, is_password_hash
 from relayd.pec.zipcheck import PackageLimits
+from relayd.ssh_algorithms import ProfileName
 
 INSEE_PATTERN = r"^(?:[0-9]{5}|2[AB][0-9]{3})$"
 
@@ -52,6 +53,19 @@ class _Strict(BaseModel):
 class Listen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=2222, ge=0, le=65535)
+
+
+class SFTPListen(Listen):
+    """One address the SFTP server listens on, with the algorithm profile it offers there."""
+
+    profile: ProfileName | None = Field(
+        default=None, description="modern or legacy; default: server.profile. Negotiated before login, so per listener"
+    )
+
+
+#: The host key types relayd can make and serve, by their name in the configuration.
+HOST_KEY_TYPES: dict[str, str] = {"ed25519": "ssh-ed25519", "ecdsa": "ecdsa-sha2-nistp256", "rsa": "ssh-rsa"}
+HostKeyType = Literal["ed25519", "ecdsa", "rsa"]
 
 
 class Limits(PackageLimits):
@@ -380,19 +394,20 @@ class Logging(_Strict):
 
 
 class Server(_Strict):
-    listen: Listen = Listen()
-
-    @field_validator("temporary_prefixes", "temporary_suffixes", "package_suffixes")
-    @classmethod
-    def _plain_affixes(cls, value: list[str]) -> list[str]:
-        for affix in value:
-            if not affix or "/" in affix or "\x00" in affix:
-                raise ValueError(f"{affix!r}: must be a non-empty name fragment without '/'")
-        return value
+    listen: SFTPListen = SFTPListen()
+    extra_listen: list[SFTPListen] = Field(
+        default_factory=list, description="more addresses to listen on, each with its own profile (e.g. one legacy port)"
+    )
+    profile: ProfileName = Field(default="modern", description="the algorithms offered: modern, or legacy (SHA-1)")
 
     host_keys: list[Path] = Field(
         default_factory=lambda: [Path("host_keys/ssh_host_ed25519_key")],
         description="default: <storage.root>/host_keys/ssh_host_ed25519_key, where the service may write it",
+    )
+    host_key_types: list[HostKeyType] = Field(
+        default_factory=lambda: ["ed25519", "ecdsa", "rsa"],
+        min_length=1,
+        description="the host key types served; one missing from host_keys is made beside the first of them",
     )
     # Which upload names are temporary: a rename from one of these to a package name commits. Matched
     # without regard to case, and before the package suffixes: `.in.X.zip.` or `inprogress.X.zip` is temporary.
@@ -408,6 +423,26 @@ class Server(_Strict):
     stop_grace_seconds: float = Field(
         default=30.0, ge=0, description="on SIGTERM, uploads in flight have this long to finish before they are cut"
     )
+
+    @field_validator("temporary_prefixes", "temporary_suffixes", "package_suffixes")
+    @classmethod
+    def _plain_affixes(cls, value: list[str]) -> list[str]:
+        for affix in value:
+            if not affix or "/" in affix or "\x00" in affix:
+                raise ValueError(f"{affix!r}: must be a non-empty name fragment without '/'")
+        return value
+
+    @field_validator("host_key_types")
+    @classmethod
+    def _distinct_types(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a host key type appears more than once")
+        return value
+
+    def listeners(self) -> list[SFTPListen]:
+        """Every address to listen on (``listen`` first, then ``extra_listen``), each with its profile resolved."""
+        entries = [self.listen, *self.extra_listen]
+        return [e if e.profile is not None else e.model_copy(update={"profile": self.profile}) for e in entries]
 
 
 class Config(_Strict):

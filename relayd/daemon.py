@@ -27,8 +27,9 @@ from relayd.clock import SYSTEM_CLOCK, Clock
 from relayd.config import Config, ConfigError, load_config
 from relayd.events import Events
 from relayd.fsutil import ensure_dir, resolve_gid, share_dir
+from relayd.inbound.host_keys import ensure_host_keys
 from relayd.inbound.intake import Intake
-from relayd.inbound.server import InboundServer, ServerState, load_host_keys, resolve_auth
+from relayd.inbound.server import InboundServer, ServerState, resolve_auth
 from relayd.inbound.uploads import UploadArea
 from relayd.ledger import Ledger
 from relayd.mail import Mailer
@@ -109,9 +110,8 @@ async def run(config: Config, *, config_path: Path | None = None,
     if recovered:
         log.info("startup.recovered", packages=len(recovered))
     state = ServerState(config=config, intake=intake, auth=resolve_auth(config), events=events)
-    server = InboundServer(state, load_host_keys(config.server.host_keys))
-    inherited = listen_sockets()
-    await server.start(sock=inherited[0] if inherited else None)
+    server = InboundServer(state, ensure_host_keys(config))
+    await server.start(socks=listen_sockets())
     watcher = DropWatcher(_return_dirs(config), settle_seconds=config.returns.settle_seconds,
                           rescan_seconds=config.returns.rescan_seconds)
     watcher.start()
@@ -200,6 +200,9 @@ def _needs_restart(old: Config, new: Config) -> list[tuple[str, object, object]]
 
     (The metrics endpoint says so itself for its own address.)
     """
-    pairs = [("server.listen", old.server.listen, new.server.listen), ("storage.root", old.storage.root, new.storage.root),
-             ("server.host_keys", old.server.host_keys, new.server.host_keys)]
+    pairs = [("server.listen", old.server.listen, new.server.listen),
+             ("server.extra_listen", old.server.extra_listen, new.server.extra_listen), ("storage.root", old.storage.root, new.storage.root),
+             ("server.host_keys", old.server.host_keys, new.server.host_keys),
+             ("server.host_key_types", old.server.host_key_types, new.server.host_key_types),
+             ("server.profile", old.server.profile, new.server.profile)]
     return [(key, str(a), str(b)) for key, a, b in pairs if a != b]

@@ -35,7 +35,7 @@ import inspect
 import os
 import posixpath
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +49,12 @@ from relayd.config import Config
 from relayd.events import Events, PackageReceived
 from relayd.inbound.defender import Defender, parse_address
 from relayd.inbound.diskguard import DiskGuard
+from relayd.inbound.host_keys import keypairs_for, read_or_make_key
 from relayd.inbound.intake import Intake, Outcome, Upload
 from relayd.inbound.passwords import hash_password, verify_password
 from relayd.inbound.uploads import Extents, UploadArea, copy_into, is_reserved, same_file
 from relayd.rejections import Reason, Rejection
-from relayd.ssh_algorithms import CIPHERS, KEX_ALGS, MAC_ALGS
+from relayd.ssh_algorithms import LEGACY_ADDITIONS, PROFILES
 
 log = structlog.get_logger("relayd.sftp")
 
@@ -824,43 +825,55 @@ class InboundServer:
     def __init__(self, state: ServerState, host_keys: list[asyncssh.SSHKey]):
         self.state = state
         self._host_keys = host_keys
-        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._acceptors: list[asyncssh.SSHAcceptor] = []
 
-    async def start(self, *, sock: object | None = None) -> None:
-        """Listen on the configured address (or on an inherited socket)."""
-        listen = self.state.config.server.listen
+    async def start(self, *, sock: object | None = None, socks: Sequence[object] = ()) -> None:
+        """Listen on every configured address (or on inherited sockets, one per address, in order)."""
+        inherited = [sock] if sock is not None else list(socks)
         limits = self.state.config.limits
-        kwargs = dict(
-            server_factory=lambda: RelaySSHServer(self.state),
-            server_host_keys=self._host_keys,
-            sftp_factory=lambda chan: DropSFTPServer(chan, self.state),
-            sftp_version=3,
-            allow_scp=False,
-            encryption_algs=CIPHERS,
-            kex_algs=KEX_ALGS,
-            mac_algs=MAC_ALGS,
-            login_timeout=limits.login_timeout_seconds,
-            keepalive_interval=30,  # with asyncssh's 3 missed replies: a dead peer is dropped in ~90 s
-            agent_forwarding=False,
-            x11_forwarding=False,
-            allow_pty=False,
-        )
-        if sock is not None:
-            self._acceptor = await asyncssh.listen(sock=sock, **kwargs)
-        else:
-            self._acceptor = await asyncssh.listen(listen.host, listen.port, reuse_address=True, **kwargs)
-        log.info("sftp.listening", host=listen.host, port=self.port)
+        for i, listen in enumerate(self.state.config.server.listeners()):
+            profile = PROFILES[listen.profile or "modern"]
+            kwargs = dict(
+                server_factory=lambda: RelaySSHServer(self.state),
+                server_host_keys=keypairs_for(self._host_keys, profile),
+                sftp_factory=lambda chan: DropSFTPServer(chan, self.state),
+                sftp_version=3,
+                allow_scp=False,
+                encryption_algs=profile.ciphers,
+                kex_algs=profile.kex_algs,
+                mac_algs=profile.mac_algs,
+                login_timeout=limits.login_timeout_seconds,
+                keepalive_interval=30,  # with asyncssh's 3 missed replies: a dead peer is dropped in ~90 s
+                agent_forwarding=False,
+                x11_forwarding=False,
+                allow_pty=False,
+            )
+            if i < len(inherited):
+                acceptor = await asyncssh.listen(sock=inherited[i], **kwargs)
+            else:
+                acceptor = await asyncssh.listen(listen.host, listen.port, reuse_address=True, **kwargs)
+            self._acceptors.append(acceptor)
+            if profile.name == "legacy":
+                log.warning("sftp.legacy_profile", host=listen.host, port=acceptor.get_port(),
+                            adds=list(LEGACY_ADDITIONS), why="SHA-1 algorithms, for older Java stacks only")
+            log.info("sftp.listening", host=listen.host, port=acceptor.get_port(), profile=profile.name,
+                     host_keys=[k.get_algorithm() for k in self._host_keys])
 
     @property
     def port(self) -> int:
-        """The port actually bound (useful with port 0)."""
-        assert self._acceptor is not None
-        return self._acceptor.get_port()
+        """The port actually bound by the first listener (useful with port 0)."""
+        assert self._acceptors
+        return self._acceptors[0].get_port()
+
+    @property
+    def ports(self) -> list[int]:
+        """The ports actually bound, one per listener, in the configured order."""
+        return [a.get_port() for a in self._acceptors]
 
     def stop_accepting(self) -> None:
-        """Close the listener: no new connection is accepted; open ones go on."""
-        if self._acceptor is not None:
-            self._acceptor.close()
+        """Close the listeners: no new connection is accepted; open ones go on."""
+        for acceptor in self._acceptors:
+            acceptor.close()
 
     async def drain(self, grace_seconds: float) -> int:
         """Let uploads under way finish for up to ``grace_seconds``; return how many were still running."""
@@ -886,24 +899,15 @@ class InboundServer:
             connection.close()
         if connections:
             await asyncio.gather(*(c.wait_closed() for c in connections), return_exceptions=True)
-        if self._acceptor is not None:
+        for acceptor in self._acceptors:
             # Python 3.12 waits here for every connection; they are closed by now.
-            await self._acceptor.wait_closed()
-            self._acceptor = None
+            await acceptor.wait_closed()
+        self._acceptors = []
 
 
 def load_host_keys(paths: list[Path]) -> list[asyncssh.SSHKey]:
-    """Read the host keys, generating an Ed25519 key where a file is absent (first start)."""
-    keys = []
-    for path in paths:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            key = asyncssh.generate_private_key("ssh-ed25519")
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(key.export_private_key())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-            path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
-            log.info("sftp.host_key_generated", path=str(path), fingerprint=key.get_fingerprint())
-        keys.append(asyncssh.read_private_key(path))
-    return keys
+    """Read these key files, making an Ed25519 key where one is absent (the testkit's return server uses it).
+
+    The relay's own host keys, of every configured type, come from :func:`ensure_host_keys`.
+    """
+    return [read_or_make_key(path, "ed25519") for path in paths]
