@@ -493,11 +493,9 @@ def test_modern_check_config_says_nothing_of_legacy(make_relay):
     assert check.returncode == 0 and "legacy" not in check.stderr, check.stderr
 
 
-# -- an account's directory (accounts[].directory, built by the "upload" work) ----------------
+# -- an account's directory (accounts[].directory) ----------------------------------------
 
 
-# Remove the marks once accounts[].directory has landed: both tests then pass.
-@pytest.mark.xfail(reason="needs accounts[].directory", strict=False)
 def test_jsch_delivers_into_the_accounts_directory(make_relay, keys, jsch_classes):
     relay = make_relay(start=False)
     relay.config["accounts"][0]["directory"] = "/depot"
@@ -510,7 +508,6 @@ def test_jsch_delivers_into_the_accounts_directory(make_relay, keys, jsch_classe
     assert_delivered(relay, 0, REAL_PACKAGE.name)
 
 
-@pytest.mark.xfail(reason="needs accounts[].directory", strict=False)
 def test_openssh_delivers_into_the_accounts_directory(make_relay):
     relay = make_relay(start=False)
     relay.config["accounts"][0]["directory"] = "/depot"
