@@ -32,10 +32,12 @@ from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_TRUNC, FXF_W
 
 from relayd.config import Config
 from relayd.events import Events, PackageReceived
+from relayd.inbound.banbook import BanBook, Network
 from relayd.inbound.defender import Defender, parse_address
 from relayd.inbound.diskguard import DiskGuard
 from relayd.inbound.intake import Intake, Outcome, Upload
 from relayd.inbound.passwords import hash_password, verify_password
+from relayd.inbound.startups import StartupBudget
 from relayd.rejections import Reason, Rejection
 from relayd.ssh_algorithms import CIPHERS, KEX_ALGS, MAC_ALGS
 
@@ -48,6 +50,11 @@ _DUMMY_HASH = hash_password("relayd-dummy-password")
 # Refused attempts (keys and passwords) one connection may make before it is cut, as OpenSSH's MaxAuthTries:
 # trying more keys then takes more connections, and each counts with the defender.
 _MAX_AUTH_TRIES = 6
+# A refused connection is told why this long after its accept. Disconnecting at once would close the socket
+# with the client's version line still unread, and the reset that follows can destroy the disconnect text
+# before the client reads it (paramiko then says only "EOF"); meanwhile the client can at most finish the key
+# exchange, and a login attempt gets the same disconnect. It slows a banned client down, too.
+_REFUSAL_LINGER_SECONDS = 0.5
 
 
 @dataclass
@@ -82,17 +89,20 @@ class ServerState:
     intake: Intake
     auth: dict[str, AccountAuth]
     events: Events = field(default_factory=Events)
-    #: every SSH connection open now
+    #: every SSH connection open now, logged in or not (``startups.pending`` holds those not yet logged in)
     connections: set[RelaySSHServer] = field(default_factory=set)
     #: every SFTP session open now
     sessions: set[DropSFTPServer] = field(default_factory=set)
-    #: bans addresses that fail to log in too often (reads ``config.defender`` at each use)
+    #: bans prefixes that fail to log in too often (reads ``config.defender`` at each use, keeps bans in the ledger)
     defender: Defender = field(init=False)
+    #: the limits of connections not yet logged in (reads ``config.limits`` at each use)
+    startups: StartupBudget = field(init=False)
     #: refuses uploads while free space under the storage root is short (reads ``config`` at each use)
     disk: DiskGuard = field(init=False)
 
     def __post_init__(self) -> None:
-        self.defender = Defender(lambda: self.config.defender, self.events)
+        self.defender = Defender(lambda: self.config.defender, BanBook(self.intake.ledger), self.events)
+        self.startups = StartupBudget(lambda: self.config.limits, self.defender)
         self.disk = DiskGuard(lambda: self.config, self.events)
 
     def uploads_in_flight(self) -> int:
@@ -119,9 +129,15 @@ class _Handle:
 class RelaySSHServer(asyncssh.SSHServer):
     """One SSH connection: authentication, the defender, the connection limits, and the peer for logs.
 
+    From its accept until it logs in, a connection is *pending*: it counts against the
+    pre-authentication budget (relayd/inbound/startups.py), never against ``max_sessions``
+    or ``max_sessions_per_ip``, which count logged-in connections only.
+
     What the defender counts as a failure (see relayd/inbound/defender.py): each refused
     password at once; refused public keys once per connection, when it ends without logging
-    in; a login from an address the account does not allow, like either of those.
+    in; a login from an address the account does not allow, like either of those; and, with
+    ``defender.unauthenticated_weight``, a connection that ends without logging in and
+    without any of those (idle until the login timeout, or closed before authentication).
     """
 
     def __init__(self, state: ServerState):
@@ -129,36 +145,62 @@ class RelaySSHServer(asyncssh.SSHServer):
         self._conn: asyncssh.SSHServerConnection | None = None
         self._counted = False
         self.peer = "?"
-        #: the source address alone, as the defender and the per-address limit see it
+        #: the source address alone, as the defender and the per-address limits see it
         self.ip = "?"
+        #: the network the defender and the per-address limits count this address under
+        self.prefix: Network | None = None
         self._username = "?"
         #: why this account may not log in from here (allowed_ips), or None
         self._address_refused: str | None = None
         self._keys_refused = 0
         self._tries = 0
+        #: failures of this connection already told to the defender
+        self._failures = 0
         self._authenticated = False
+        #: the disconnect a refused connection gets (code, text), or None
+        self._refusal: tuple[int, str] | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether this connection has logged in."""
+        return self._authenticated
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.ip = str(peer[0]) if peer else "?"
-        if self._state.defender.refuses(self.ip):
-            # Banned: dropped before the version exchange, so a ban costs next to nothing.
-            conn.abort()
+        self.prefix = self._state.defender.prefix(self.ip)
+        banned = self._state.defender.refuses(self.ip)
+        refusal = banned or self._state.startups.refusal(self.ip, self.prefix)
+        if refusal is not None:
+            # The client reads why (OpenSSH: "Received disconnect from ...: <reason>"); no login is possible.
+            code = asyncssh.DISC_HOST_NOT_ALLOWED_TO_CONNECT if banned else asyncssh.DISC_TOO_MANY_CONNECTIONS
+            self._refusal = (code, refusal)
+            asyncio.get_running_loop().call_later(_REFUSAL_LINGER_SECONDS, _disconnect, conn, code, refusal)
             return
         self._state.connections.add(self)
+        self._state.startups.pending.add(self)
         self._counted = True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._counted:
-            self._state.connections.discard(self)
-            self._counted = False
-        if self._keys_refused and not self._authenticated:
+        if not self._counted:
+            return  # refused at once: not a login attempt
+        self._counted = False
+        self._state.connections.discard(self)
+        self._state.startups.pending.discard(self)
+        if self._authenticated:
+            return
+        if self._keys_refused:
             # One failure however many keys were offered: an OpenSSH client offers all it holds.
             log.warning("sftp.auth_failed", account=self._username, peer=self.peer, method="publickey",
                         keys_refused=self._keys_refused, why=self._address_refused or "no authorized key offered")
-            self._state.defender.failed(self.ip, self._username, "publickey")
+            self._failed("publickey")
+        elif not self._failures:
+            timed_out = isinstance(exc, asyncssh.ConnectionLost) and "timeout" in str(exc).lower()
+            why = "login timeout" if timed_out else "closed before logging in"
+            log.info("sftp.unauthenticated_closed", account=self._username, peer=self.peer, why=why)
+            self._failed("none", self._state.config.defender.unauthenticated_weight)
 
     def close(self) -> None:
         """Close this connection (graceful stop): what it had not committed is discarded."""
@@ -171,16 +213,10 @@ class RelaySSHServer(asyncssh.SSHServer):
             await self._conn.wait_closed()
 
     def begin_auth(self, username: str) -> bool:
+        if self._refusal is not None:
+            raise asyncssh.DisconnectError(*self._refusal)
         self._check_banned()
-        limits = self._state.config.limits
-        if len(self._state.connections) > limits.max_sessions:
-            log.warning("sftp.too_many_sessions", peer=self.peer, account=username)
-            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
-        from_here = sum(1 for c in self._state.connections if c.ip == self.ip)
-        if from_here > limits.max_sessions_per_ip:
-            log.warning("sftp.too_many_sessions_per_ip", peer=self.peer, account=username,
-                        limit=limits.max_sessions_per_ip)
-            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections from your address")
+        self._check_session_limits(username)
         # asyncssh calls this again when a client changes username, and clears the keys set before.
         self._username = username
         self._address_refused = None
@@ -221,20 +257,46 @@ class RelaySSHServer(asyncssh.SSHServer):
         log.warning("sftp.auth_failed", account=username, peer=self.peer, method="password",
                     why=self._address_refused or "wrong password or unknown account")
         # A failure that brings a ban is answered like any other; the next attempt is cut (_check_banned).
-        self._state.defender.failed(self.ip, username, "password")
+        self._failed("password")
         self._count_try()
         return False
 
     def auth_completed(self) -> None:
         self._authenticated = True
-        if self._conn is not None:
-            log.info("sftp.authenticated", account=self._conn.get_extra_info("username"), peer=self.peer)
+        self._state.startups.pending.discard(self)
+        if self._conn is None:
+            return
+        account = self._conn.get_extra_info("username")
+        log.info("sftp.authenticated", account=account, peer=self.peer)
+        self._state.defender.logged_in(self.ip)
+        try:
+            # Checked at begin_auth already; two logins that ran side by side may both have passed it.
+            self._check_session_limits(account, logged_in=True)
+        except asyncssh.DisconnectError as exc:
+            asyncio.get_running_loop().call_soon(_disconnect, self._conn, exc.code, exc.reason)
+
+    def _check_session_limits(self, username: str, *, logged_in: bool = False) -> None:
+        """Refuse a login past ``max_sessions`` or ``max_sessions_per_ip`` (logged-in connections only)."""
+        limits = self._state.config.limits
+        others = [c for c in self._state.connections if c.authenticated and c is not self]
+        if len(others) >= limits.max_sessions:
+            log.warning("sftp.too_many_sessions", peer=self.peer, account=username, limit=limits.max_sessions)
+            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
+        if sum(1 for c in others if c.prefix == self.prefix) >= limits.max_sessions_per_ip:
+            log.warning("sftp.too_many_sessions_per_ip", peer=self.peer, account=username,
+                        limit=limits.max_sessions_per_ip)
+            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections from your address")
+
+    def _failed(self, method: str, weight: float = 1.0) -> None:
+        self._failures += 1
+        self._state.defender.failed(self.ip, self._username, method, weight)
 
     def _check_banned(self) -> None:
         """Cut a connection whose address was banned while it was logging in."""
-        if self._state.defender.ban_remaining(self.ip):
-            raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
-                                           "too many failed logins from your address; try again later")
+        ban = self._state.defender.ban_holding(self.ip)
+        if ban is not None:
+            raise asyncssh.DisconnectError(asyncssh.DISC_HOST_NOT_ALLOWED_TO_CONNECT,
+                                           self._state.defender.ban_message(ban))
 
     def _count_try(self) -> None:
         self._tries += 1
@@ -242,6 +304,14 @@ class RelaySSHServer(asyncssh.SSHServer):
             log.warning("sftp.too_many_auth_tries", account=self._username, peer=self.peer, tries=self._tries)
             raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
                                            "too many authentication failures")
+
+
+def _disconnect(conn: asyncssh.SSHServerConnection, code: int, reason: str) -> None:
+    """Send a disconnect with ``reason`` and close, unless the client has gone already."""
+    try:
+        conn.disconnect(code, reason)
+    except (OSError, asyncssh.Error):
+        conn.abort()
 
 
 class DropSFTPServer(asyncssh.SFTPServer):
