@@ -74,7 +74,10 @@ class Defender:
     """Counts failed logins per prefix, bans the prefixes that fail too often, and says who may connect.
 
     ``settings`` is called at each use, so it follows configuration reloads; ``clock`` gives
-    Unix seconds (bans are kept across restarts, so a monotonic clock would not do).
+    Unix seconds (bans are kept across restarts, so a monotonic clock would not do). The
+    server asks (``refuses``, ``trusted``, ``ban_holding``: one indexed read each) on its event
+    loop and writes (``failed``, ``logged_in``: one commit each) from a single writer thread;
+    the ledger serialises them.
     """
 
     def __init__(self, settings: Callable[[], DefenderSettings], book: BanBook, events: Events = NO_EVENTS, *,

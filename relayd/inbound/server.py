@@ -22,6 +22,8 @@ import asyncio
 import os
 import posixpath
 import stat
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -97,6 +99,10 @@ class ServerState:
     defender: Defender = field(init=False)
     #: the limits of connections not yet logged in (reads ``config.limits`` at each use)
     startups: StartupBudget = field(init=False)
+    #: writes the defender's failures and logins to the ledger, in order and off the event loop (a commit
+    #: waits for the disk: milliseconds that a flood of failed logins must not take from every other client)
+    _defender_writer: ThreadPoolExecutor = field(
+        init=False, default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="defender"))
     #: refuses uploads while free space under the storage root is short (reads ``config`` at each use)
     disk: DiskGuard = field(init=False)
 
@@ -105,9 +111,19 @@ class ServerState:
         self.startups = StartupBudget(lambda: self.config.limits, self.defender)
         self.disk = DiskGuard(lambda: self.config, self.events)
 
+    def record(self, write: Callable[..., object], *args: object) -> None:
+        """Run one of the defender's ledger writes (``failed``, ``logged_in``) on its writer thread."""
+        self._defender_writer.submit(write, *args).add_done_callback(_log_failed_write)
+
     def uploads_in_flight(self) -> int:
         """Sessions with an upload begun and not yet committed or discarded."""
         return sum(1 for session in self.sessions if session.busy)
+
+
+def _log_failed_write(future: Future[object]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("defender.write_failed", error=str(exc), kind=type(exc).__name__)
 
 
 class _Handle:
@@ -157,6 +173,8 @@ class RelaySSHServer(asyncssh.SSHServer):
         #: failures of this connection already told to the defender
         self._failures = 0
         self._authenticated = False
+        #: refused by max_sessions / max_sessions_per_ip: the relay's own limit, not the client's failure
+        self._limited = False
         #: the disconnect a refused connection gets (code, text), or None
         self._refusal: tuple[int, str] | None = None
 
@@ -196,7 +214,7 @@ class RelaySSHServer(asyncssh.SSHServer):
             log.warning("sftp.auth_failed", account=self._username, peer=self.peer, method="publickey",
                         keys_refused=self._keys_refused, why=self._address_refused or "no authorized key offered")
             self._failed("publickey")
-        elif not self._failures:
+        elif not self._failures and not self._limited:
             timed_out = isinstance(exc, asyncssh.ConnectionLost) and "timeout" in str(exc).lower()
             why = "login timeout" if timed_out else "closed before logging in"
             log.info("sftp.unauthenticated_closed", account=self._username, peer=self.peer, why=why)
@@ -268,7 +286,7 @@ class RelaySSHServer(asyncssh.SSHServer):
             return
         account = self._conn.get_extra_info("username")
         log.info("sftp.authenticated", account=account, peer=self.peer)
-        self._state.defender.logged_in(self.ip)
+        self._state.record(self._state.defender.logged_in, self.ip)
         try:
             # Checked at begin_auth already; two logins that ran side by side may both have passed it.
             self._check_session_limits(account, logged_in=True)
@@ -279,6 +297,7 @@ class RelaySSHServer(asyncssh.SSHServer):
         """Refuse a login past ``max_sessions`` or ``max_sessions_per_ip`` (logged-in connections only)."""
         limits = self._state.config.limits
         others = [c for c in self._state.connections if c.authenticated and c is not self]
+        self._limited = True  # until both checks pass
         if len(others) >= limits.max_sessions:
             log.warning("sftp.too_many_sessions", peer=self.peer, account=username, limit=limits.max_sessions)
             raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
@@ -286,10 +305,11 @@ class RelaySSHServer(asyncssh.SSHServer):
             log.warning("sftp.too_many_sessions_per_ip", peer=self.peer, account=username,
                         limit=limits.max_sessions_per_ip)
             raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections from your address")
+        self._limited = False
 
     def _failed(self, method: str, weight: float = 1.0) -> None:
         self._failures += 1
-        self._state.defender.failed(self.ip, self._username, method, weight)
+        self._state.record(self._state.defender.failed, self.ip, self._username, method, weight)
 
     def _check_banned(self) -> None:
         """Cut a connection whose address was banned while it was logging in."""
