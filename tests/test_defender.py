@@ -460,3 +460,34 @@ def _closed_by_relay(sock: socket.socket) -> bool:
         return False
     except ConnectionError:
         return True
+
+
+def test_connections_that_never_log_in_count_softly_and_time_out(make_relay):
+    relay = make_relay(limits={"max_package_bytes": 64 * 1024 * 1024, "login_timeout_seconds": 1},
+                       defender=_defender_config(max_failures=1, unauthenticated_weight=0.5, ban_seconds=600,
+                                                 max_ban_seconds=3600))
+    # One that closes before logging in (a port check): half a failure, no ban yet.
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        assert sock.recv(8).startswith(b"SSH-2.0")
+    wait_for(lambda: _events(relay, "sftp.unauthenticated_closed"), timeout=20, what="the early close counted")
+    assert _events(relay, "sftp.unauthenticated_closed")[0]["why"] == "closed before logging in"
+    assert sftp_batch(relay, ["ls"]).returncode == 0  # half a failure is not a ban
+    # One that says nothing: cut at the login timeout, and the second half brings the ban.
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.settimeout(20)
+        assert sock.recv(8).startswith(b"SSH-2.0")
+        while sock.recv(4096):
+            pass  # until the relay closes it
+    wait_for(lambda: _events(relay, "defender.banned"), timeout=20, what="defender.banned")
+    assert [e["why"] for e in _events(relay, "sftp.unauthenticated_closed")] == ["closed before logging in",
+                                                                                 "login timeout"]
+    assert _events(relay, "defender.banned")[0]["failures"] == 1
+
+
+def test_old_failures_leave_the_ledger(make_defender, ledger):
+    defender, clock, _ = make_defender(max_failures=10, window_seconds=60)
+    for i in range(5):
+        defender.failed(f"203.0.113.{i}", "x", "password")
+    clock.now += 120  # past the window and the prune interval
+    defender.failed("198.51.100.1", "x", "password")
+    assert [r["prefix"] for r in ledger.query("SELECT prefix FROM defender_failures")] == ["198.51.100.1/32"]
