@@ -113,7 +113,15 @@ class ServerState:
 
     def record(self, write: Callable[..., object], *args: object) -> None:
         """Run one of the defender's ledger writes (``failed``, ``logged_in``) on its writer thread."""
-        self._defender_writer.submit(write, *args).add_done_callback(_log_failed_write)
+        try:
+            future = self._defender_writer.submit(write, *args)
+        except RuntimeError:
+            return  # stopped (flush_defender): the ledger is closing
+        future.add_done_callback(_log_failed_write)
+
+    def flush_defender(self) -> None:
+        """Wait for the defender's pending writes (before the ledger closes); later ones are dropped."""
+        self._defender_writer.shutdown(wait=True)
 
     def uploads_in_flight(self) -> int:
         """Sessions with an upload begun and not yet committed or discarded."""
@@ -214,7 +222,8 @@ class RelaySSHServer(asyncssh.SSHServer):
             log.warning("sftp.auth_failed", account=self._username, peer=self.peer, method="publickey",
                         keys_refused=self._keys_refused, why=self._address_refused or "no authorized key offered")
             self._failed("publickey")
-        elif not self._failures and not self._limited:
+        elif not self._failures and not self._limited and exc is not None:
+            # (exc is None when the relay closed the connection itself: a stop is not the client's failure.)
             timed_out = isinstance(exc, asyncssh.ConnectionLost) and "timeout" in str(exc).lower()
             why = "login timeout" if timed_out else "closed before logging in"
             log.info("sftp.unauthenticated_closed", account=self._username, peer=self.peer, why=why)
@@ -699,6 +708,7 @@ class InboundServer:
             # Python 3.12 waits here for every connection; they are closed by now.
             await self._acceptor.wait_closed()
             self._acceptor = None
+        self.state.flush_defender()
 
 
 def load_host_keys(paths: list[Path]) -> list[asyncssh.SSHKey]:
