@@ -66,7 +66,7 @@ class Limits(PackageLimits):
         description="unauthenticated connections, as OpenSSH's MaxStartups start:rate:full (random early drops)",
     )
     max_startups_per_ip: int = Field(
-        default=5, gt=0, description="unauthenticated connections from one address (defender prefix)"
+        default=8, gt=0, description="unauthenticated connections from one address (defender prefix)"
     )
     min_free_bytes: int = Field(
         default=1024 * 1024 * 1024, ge=0, description="uploads are refused while less than this is free under storage.root"
