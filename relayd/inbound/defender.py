@@ -28,7 +28,8 @@ Failures, bans and logins are kept in the ledger (:mod:`relayd.inbound.banbook`)
 restart forgets nothing, and ``relayd defender unban`` lifts a ban while the daemon runs,
 for the daemon reads the ledger at each new connection. A prefix's ban history (what makes
 the next ban longer) is forgotten once ``max_ban_seconds`` have passed since its last ban
-ended.
+ended. A ban holds every address inside its network, so a ban laid before the prefix
+lengths were changed still holds until it ends.
 
 The optional global budget, ``global_failures_per_minute``: when the failures of every
 prefix together within the last minute exceed it (a spread-out attack, many prefixes, none

@@ -63,7 +63,7 @@ class StartupBudget:
         self._refused += 1
         now = self._clock()
         if now - self._logged_at >= _LOG_EVERY:
-            log.warning("sftp.startup_refused", peer_ip=ip, why=why, refused=self._refused, pending=len(self.pending))
+            log.warning("sftp.startup_refused", ip=ip, why=why, refused=self._refused, pending=len(self.pending))
             self._logged_at, self._refused = now, 0
         return f"{why}; try again later"
 
