@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
     register_testkit(sub)
 
+    from relayd.inbound.defender_commands import register as register_defender
+
+    register_defender(sub, Path("/etc/relayd/relayd.yaml"))
+
     args = parser.parse_args(argv)
     # `kill -USR1` prints every thread's stack to stderr (the journal): the first look at a wedged daemon.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -122,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         from relayd.fingerprints import run_command as fingerprints
 
         return fingerprints(_load_or_exit(args.config), args.host)
+    if args.command == "defender":
+        from relayd.inbound.defender_commands import run as run_defender
+
+        return run_defender(args, _load_or_exit(args.config))
     if args.command == "testkit":
         from relayd.testkit.cli import run as run_testkit
 

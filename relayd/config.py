@@ -71,13 +71,42 @@ HostKeyType = Literal["ed25519", "ecdsa", "rsa"]
 class Limits(PackageLimits):
     """Package bounds (see :class:`PackageLimits`) plus the server's own."""
 
-    max_sessions: int = Field(default=32, gt=0, description="concurrent SSH connections, all accounts")
-    max_sessions_per_ip: int = Field(default=8, gt=0, description="concurrent SSH connections from one address")
+    max_sessions: int = Field(default=32, gt=0, description="concurrent logged-in SSH connections, all accounts")
+    max_sessions_per_ip: int = Field(
+        default=8, gt=0, description="concurrent logged-in SSH connections from one address (defender prefix)"
+    )
+    max_startups: str = Field(
+        default="10:30:100", pattern=r"^\d+(:\d+:\d+)?$",
+        description="unauthenticated connections, as OpenSSH's MaxStartups start:rate:full (random early drops)",
+    )
+    max_startups_per_ip: int = Field(
+        default=8, gt=0, description="unauthenticated connections from one address (defender prefix)"
+    )
     min_free_bytes: int = Field(
         default=1024 * 1024 * 1024, ge=0, description="uploads are refused while less than this is free under storage.root"
     )
     max_upload_bytes_per_session: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
-    login_timeout_seconds: float = Field(default=30.0, gt=0)
+    login_timeout_seconds: float = Field(default=10.0, gt=0, description="to authenticate, from the TCP accept")
+
+    @field_validator("max_startups")
+    @classmethod
+    def _startups_in_order(cls, value: str) -> str:
+        start, rate, full = startups(value)
+        if not (0 < start <= full and rate <= 100):
+            raise ValueError("must read start:rate:full with 0 < start <= full and rate <= 100, e.g. 10:30:100")
+        return value
+
+    def startup_budget(self) -> tuple[int, int, int]:
+        """``max_startups`` as (start, rate, full)."""
+        return startups(self.max_startups)
+
+
+def startups(value: str) -> tuple[int, int, int]:
+    """OpenSSH's MaxStartups ``start:rate:full`` (a single number N means N:100:N: no random drops before N)."""
+    parts = [int(p) for p in value.split(":")]
+    if len(parts) == 1:
+        return parts[0], 100, parts[0]
+    return parts[0], parts[1], parts[2]
 
 
 class Account(_Strict):
@@ -359,7 +388,7 @@ class Deadlines(_Strict):
 
 
 class Defender(_Strict):
-    """Bans an address that fails to log in too often; each new ban lasts longer."""
+    """Bans a network prefix that fails to log in too often; each new ban lasts longer. Kept in the ledger."""
 
     enabled: bool = True
     max_failures: int = Field(default=5, gt=0, description="failed logins within window_seconds that bring a ban")
@@ -367,7 +396,22 @@ class Defender(_Strict):
     ban_seconds: float = Field(default=900.0, gt=0, description="the first ban")
     ban_factor: float = Field(default=2.0, ge=1, description="each later ban of the same address lasts this much longer")
     max_ban_seconds: float = Field(default=86400.0, gt=0)
-    allowlist: list[IPv4Network | IPv6Network] = Field(default_factory=list, description="never banned")
+    allowlist: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list, description="never banned, never dropped early, never held by the global budget"
+    )
+    ipv4_prefix: int = Field(default=32, ge=8, le=32, description="IPv4 addresses are counted and banned by this prefix")
+    ipv6_prefix: int = Field(default=64, ge=16, le=128, description="IPv6 addresses are counted and banned by this prefix")
+    unauthenticated_weight: float = Field(
+        default=0.25, ge=0, le=1, description="what a connection that ends without trying to log in counts"
+    )
+    global_failures_per_minute: int | None = Field(
+        default=None, gt=0,
+        description="past this many failures a minute, all addresses together, only allowlisted and known-good "
+                    "addresses may connect; none: no global budget",
+    )
+    known_good_days: float = Field(
+        default=30.0, ge=0, description="an address that logged in within this many days is known-good"
+    )
 
 
 class Metrics(_Strict):

@@ -94,11 +94,13 @@ class AuthFailed:
 
 @dataclass(frozen=True)
 class AddressBanned:
-    """The defender banned an address."""
+    """The defender banned a prefix; ``ip`` is the address whose failure brought the ban."""
 
     ip: str
     seconds: float
-    failures: int
+    failures: float
+    #: the network banned, e.g. ``192.0.2.0/24`` (``defender.ipv4_prefix`` / ``ipv6_prefix``)
+    prefix: str = ""
 
 
 @dataclass(frozen=True)

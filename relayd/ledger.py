@@ -98,6 +98,34 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_status ON outbox(status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_queue ON outbox(queue_key, id);
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_source ON outbox(source_sha256) WHERE source_sha256 IS NOT NULL;
+
+-- The defender's memory (relayd/inbound/banbook.py). Times are Unix seconds, so that they outlive a restart.
+-- A prefix is a network ('203.0.113.7/32', '2001:db8:1:2::/64'); lo and hi are its first and last address as
+-- 32 hex digits (IPv4 in the IPv4-mapped range), so that "which ban holds this address" is a range query.
+CREATE TABLE IF NOT EXISTS defender_failures (
+    id      INTEGER PRIMARY KEY,
+    at      REAL NOT NULL,
+    prefix  TEXT NOT NULL,
+    weight  REAL NOT NULL,
+    method  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS defender_failures_prefix ON defender_failures(prefix, at);
+CREATE INDEX IF NOT EXISTS defender_failures_at ON defender_failures(at);
+CREATE TABLE IF NOT EXISTS defender_bans (
+    prefix        TEXT PRIMARY KEY,
+    lo            TEXT NOT NULL,
+    hi            TEXT NOT NULL,
+    banned_at     REAL NOT NULL,
+    banned_until  REAL NOT NULL,
+    bans          INTEGER NOT NULL,
+    failures      REAL NOT NULL,
+    last_ip       TEXT
+);
+CREATE INDEX IF NOT EXISTS defender_bans_range ON defender_bans(lo, hi);
+CREATE TABLE IF NOT EXISTS defender_logins (
+    prefix      TEXT PRIMARY KEY,
+    last_login  REAL NOT NULL
+);
 """
 
 # Columns added after the first release: an older ledger gains them at open.

@@ -35,8 +35,8 @@ import inspect
 import os
 import posixpath
 import stat
-from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -47,11 +47,13 @@ from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_TRUNC, FXF_W
 
 from relayd.config import Config
 from relayd.events import Events, PackageReceived
+from relayd.inbound.banbook import BanBook, Network
 from relayd.inbound.defender import Defender, parse_address
 from relayd.inbound.diskguard import DiskGuard
 from relayd.inbound.host_keys import keypairs_for, read_or_make_key
 from relayd.inbound.intake import Intake, Outcome, Upload
 from relayd.inbound.passwords import hash_password, verify_password
+from relayd.inbound.startups import StartupBudget
 from relayd.inbound.uploads import Extents, UploadArea, copy_into, is_reserved, same_file
 from relayd.rejections import Reason, Rejection
 from relayd.ssh_algorithms import LEGACY_ADDITIONS, PROFILES
@@ -72,6 +74,11 @@ _DUMMY_HASH = hash_password("relayd-dummy-password")
 # Refused attempts (keys and passwords) one connection may make before it is cut, as OpenSSH's MaxAuthTries:
 # trying more keys then takes more connections, and each counts with the defender.
 _MAX_AUTH_TRIES = 6
+# A refused connection is told why this long after its accept. Disconnecting at once would close the socket
+# with the client's version line still unread, and the reset that follows can destroy the disconnect text
+# before the client reads it (paramiko then says only "EOF"); meanwhile the client can at most finish the key
+# exchange, and a login attempt gets the same disconnect. It slows a banned client down, too.
+_REFUSAL_LINGER_SECONDS = 0.5
 
 
 @dataclass
@@ -106,12 +113,18 @@ class ServerState:
     intake: Intake
     auth: dict[str, AccountAuth]
     events: Events = field(default_factory=Events)
-    #: every SSH connection open now
+    #: every SSH connection open now, logged in or not (``startups.pending`` holds those not yet logged in)
     connections: set[RelaySSHServer] = field(default_factory=set)
     #: every SFTP session open now
     sessions: set[DropSFTPServer] = field(default_factory=set)
-    #: bans addresses that fail to log in too often (reads ``config.defender`` at each use)
+    #: bans prefixes that fail to log in too often (reads ``config.defender`` at each use, keeps bans in the ledger)
     defender: Defender = field(init=False)
+    #: the limits of connections not yet logged in (reads ``config.limits`` at each use)
+    startups: StartupBudget = field(init=False)
+    #: writes the defender's failures and logins to the ledger, in order and off the event loop (a commit
+    #: waits for the disk: milliseconds that a flood of failed logins must not take from every other client)
+    _defender_writer: ThreadPoolExecutor = field(
+        init=False, default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="defender"))
     #: refuses uploads while free space under the storage root is short (reads ``config`` at each use)
     disk: DiskGuard = field(init=False)
     #: the bounded pool that verifies committed uploads (intake), apart from the default one
@@ -119,12 +132,31 @@ class ServerState:
         default_factory=lambda: ThreadPoolExecutor(max_workers=_VERIFY_WORKERS, thread_name_prefix="relayd-verify"))
 
     def __post_init__(self) -> None:
-        self.defender = Defender(lambda: self.config.defender, self.events)
+        self.defender = Defender(lambda: self.config.defender, BanBook(self.intake.ledger), self.events)
+        self.startups = StartupBudget(lambda: self.config.limits, self.defender)
         self.disk = DiskGuard(lambda: self.config, self.events)
+
+    def record(self, write: Callable[..., object], *args: object) -> None:
+        """Run one of the defender's ledger writes (``failed``, ``logged_in``) on its writer thread."""
+        try:
+            future = self._defender_writer.submit(write, *args)
+        except RuntimeError:
+            return  # stopped (flush_defender): the ledger is closing
+        future.add_done_callback(_log_failed_write)
+
+    def flush_defender(self) -> None:
+        """Wait for the defender's pending writes (before the ledger closes); later ones are dropped."""
+        self._defender_writer.shutdown(wait=True)
 
     def uploads_in_flight(self) -> int:
         """Sessions with an upload begun and not yet committed or discarded."""
         return sum(1 for session in self.sessions if session.busy)
+
+
+def _log_failed_write(future: Future[object]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("defender.write_failed", error=str(exc), kind=type(exc).__name__)
 
 
 class _Handle:
@@ -149,9 +181,15 @@ class _Handle:
 class RelaySSHServer(asyncssh.SSHServer):
     """One SSH connection: authentication, the defender, the connection limits, and the peer for logs.
 
+    From its accept until it logs in, a connection is *pending*: it counts against the
+    pre-authentication budget (relayd/inbound/startups.py), never against ``max_sessions``
+    or ``max_sessions_per_ip``, which count logged-in connections only.
+
     What the defender counts as a failure (see relayd/inbound/defender.py): each refused
     password at once; refused public keys once per connection, when it ends without logging
-    in; a login from an address the account does not allow, like either of those.
+    in; a login from an address the account does not allow, like either of those; and, with
+    ``defender.unauthenticated_weight``, a connection that ends without logging in and
+    without any of those (idle until the login timeout, or closed before authentication).
     """
 
     def __init__(self, state: ServerState):
@@ -159,36 +197,65 @@ class RelaySSHServer(asyncssh.SSHServer):
         self._conn: asyncssh.SSHServerConnection | None = None
         self._counted = False
         self.peer = "?"
-        #: the source address alone, as the defender and the per-address limit see it
+        #: the source address alone, as the defender and the per-address limits see it
         self.ip = "?"
+        #: the network the defender and the per-address limits count this address under
+        self.prefix: Network | None = None
         self._username = "?"
         #: why this account may not log in from here (allowed_ips), or None
         self._address_refused: str | None = None
         self._keys_refused = 0
         self._tries = 0
+        #: failures of this connection already told to the defender
+        self._failures = 0
         self._authenticated = False
+        #: refused by max_sessions / max_sessions_per_ip: the relay's own limit, not the client's failure
+        self._limited = False
+        #: the disconnect a refused connection gets (code, text), or None
+        self._refusal: tuple[int, str] | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether this connection has logged in."""
+        return self._authenticated
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.ip = str(peer[0]) if peer else "?"
-        if self._state.defender.refuses(self.ip):
-            # Banned: dropped before the version exchange, so a ban costs next to nothing.
-            conn.abort()
+        self.prefix = self._state.defender.prefix(self.ip)
+        banned = self._state.defender.refuses(self.ip)
+        refusal = banned or self._state.startups.refusal(self.ip, self.prefix)
+        if refusal is not None:
+            # The client reads why (OpenSSH: "Received disconnect from ...: <reason>"); no login is possible.
+            code = asyncssh.DISC_HOST_NOT_ALLOWED_TO_CONNECT if banned else asyncssh.DISC_TOO_MANY_CONNECTIONS
+            self._refusal = (code, refusal)
+            asyncio.get_running_loop().call_later(_REFUSAL_LINGER_SECONDS, _disconnect, conn, code, refusal)
             return
         self._state.connections.add(self)
+        self._state.startups.pending.add(self)
         self._counted = True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._counted:
-            self._state.connections.discard(self)
-            self._counted = False
-        if self._keys_refused and not self._authenticated:
+        if not self._counted:
+            return  # refused at once: not a login attempt
+        self._counted = False
+        self._state.connections.discard(self)
+        self._state.startups.pending.discard(self)
+        if self._authenticated:
+            return
+        if self._keys_refused:
             # One failure however many keys were offered: an OpenSSH client offers all it holds.
             log.warning("sftp.auth_failed", account=self._username, peer=self.peer, method="publickey",
                         keys_refused=self._keys_refused, why=self._address_refused or "no authorized key offered")
-            self._state.defender.failed(self.ip, self._username, "publickey")
+            self._failed("publickey")
+        elif not self._failures and not self._limited and exc is not None:
+            # (exc is None when the relay closed the connection itself: a stop is not the client's failure.)
+            timed_out = isinstance(exc, asyncssh.ConnectionLost) and "timeout" in str(exc).lower()
+            why = "login timeout" if timed_out else "closed before logging in"
+            log.info("sftp.unauthenticated_closed", account=self._username, peer=self.peer, why=why)
+            self._failed("none", self._state.config.defender.unauthenticated_weight)
 
     def close(self) -> None:
         """Close this connection (graceful stop): what it had not committed is discarded."""
@@ -201,16 +268,10 @@ class RelaySSHServer(asyncssh.SSHServer):
             await self._conn.wait_closed()
 
     def begin_auth(self, username: str) -> bool:
+        if self._refusal is not None:
+            raise asyncssh.DisconnectError(*self._refusal)
         self._check_banned()
-        limits = self._state.config.limits
-        if len(self._state.connections) > limits.max_sessions:
-            log.warning("sftp.too_many_sessions", peer=self.peer, account=username)
-            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
-        from_here = sum(1 for c in self._state.connections if c.ip == self.ip)
-        if from_here > limits.max_sessions_per_ip:
-            log.warning("sftp.too_many_sessions_per_ip", peer=self.peer, account=username,
-                        limit=limits.max_sessions_per_ip)
-            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections from your address")
+        self._check_session_limits(username)
         # asyncssh calls this again when a client changes username, and clears the keys set before.
         self._username = username
         self._address_refused = None
@@ -251,20 +312,48 @@ class RelaySSHServer(asyncssh.SSHServer):
         log.warning("sftp.auth_failed", account=username, peer=self.peer, method="password",
                     why=self._address_refused or "wrong password or unknown account")
         # A failure that brings a ban is answered like any other; the next attempt is cut (_check_banned).
-        self._state.defender.failed(self.ip, username, "password")
+        self._failed("password")
         self._count_try()
         return False
 
     def auth_completed(self) -> None:
         self._authenticated = True
-        if self._conn is not None:
-            log.info("sftp.authenticated", account=self._conn.get_extra_info("username"), peer=self.peer)
+        self._state.startups.pending.discard(self)
+        if self._conn is None:
+            return
+        account = self._conn.get_extra_info("username")
+        log.info("sftp.authenticated", account=account, peer=self.peer)
+        self._state.record(self._state.defender.logged_in, self.ip)
+        try:
+            # Checked at begin_auth already; two logins that ran side by side may both have passed it.
+            self._check_session_limits(account, logged_in=True)
+        except asyncssh.DisconnectError as exc:
+            asyncio.get_running_loop().call_soon(_disconnect, self._conn, exc.code, exc.reason)
+
+    def _check_session_limits(self, username: str, *, logged_in: bool = False) -> None:
+        """Refuse a login past ``max_sessions`` or ``max_sessions_per_ip`` (logged-in connections only)."""
+        limits = self._state.config.limits
+        others = [c for c in self._state.connections if c.authenticated and c is not self]
+        self._limited = True  # until both checks pass
+        if len(others) >= limits.max_sessions:
+            log.warning("sftp.too_many_sessions", peer=self.peer, account=username, limit=limits.max_sessions)
+            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
+        if sum(1 for c in others if c.prefix == self.prefix) >= limits.max_sessions_per_ip:
+            log.warning("sftp.too_many_sessions_per_ip", peer=self.peer, account=username,
+                        limit=limits.max_sessions_per_ip)
+            raise asyncssh.DisconnectError(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections from your address")
+        self._limited = False
+
+    def _failed(self, method: str, weight: float = 1.0) -> None:
+        self._failures += 1
+        self._state.record(self._state.defender.failed, self.ip, self._username, method, weight)
 
     def _check_banned(self) -> None:
         """Cut a connection whose address was banned while it was logging in."""
-        if self._state.defender.ban_remaining(self.ip):
-            raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
-                                           "too many failed logins from your address; try again later")
+        ban = self._state.defender.ban_holding(self.ip)
+        if ban is not None:
+            raise asyncssh.DisconnectError(asyncssh.DISC_HOST_NOT_ALLOWED_TO_CONNECT,
+                                           self._state.defender.ban_message(ban))
 
     def _count_try(self) -> None:
         self._tries += 1
@@ -272,6 +361,14 @@ class RelaySSHServer(asyncssh.SSHServer):
             log.warning("sftp.too_many_auth_tries", account=self._username, peer=self.peer, tries=self._tries)
             raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
                                            "too many authentication failures")
+
+
+def _disconnect(conn: asyncssh.SSHServerConnection, code: int, reason: str) -> None:
+    """Send a disconnect with ``reason`` and close, unless the client has gone already."""
+    try:
+        conn.disconnect(code, reason)
+    except (OSError, asyncssh.Error):
+        conn.abort()
 
 
 class DropSFTPServer(asyncssh.SFTPServer):
@@ -903,6 +1000,7 @@ class InboundServer:
             # Python 3.12 waits here for every connection; they are closed by now.
             await acceptor.wait_closed()
         self._acceptors = []
+        self.state.flush_defender()
 
 
 def load_host_keys(paths: list[Path]) -> list[asyncssh.SSHKey]:
