@@ -146,6 +146,19 @@ def test_a_second_connection_cannot_change_a_committed_package(relay):
     _assert_inbox_is_what_was_verified(relay, [PACKAGE])
 
 
+def test_a_resumed_upload_goes_on_from_its_own_copy(relay):
+    """Half a package, closed; opened again to append (as `reput` does) the rest: one whole package."""
+    half = len(PACKAGE) // 2
+    with _session(relay) as client:
+        with client.open("X.zip.part", "w") as fh:
+            fh.write(PACKAGE[:half])
+        with client.open("X.zip.part", "a") as fh:
+            fh.write(PACKAGE[half:])
+        assert client.stat("X.zip.part").st_size == len(PACKAGE)
+        client.posix_rename("X.zip.part", "X.zip")
+    _assert_inbox_is_what_was_verified(relay, [PACKAGE])
+
+
 def test_a_planted_link_in_place_of_the_upload_area_is_not_followed(relay):
     """A symlink where relayd keeps uploads under way (left by someone on the host) is never written through."""
     outside = relay.root / "outside-folder"
