@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import shutil
@@ -101,6 +102,29 @@ def test_two_handles_in_one_session_cannot_change_a_committed_package(relay):
         with pytest.raises(OSError, match=r"refused \(zip_invalid\)"):
             client.stat("X.zip")  # ...which was refused, and the accepted one is unchanged
     _assert_inbox_is_what_was_verified(relay, [PACKAGE])
+
+
+def test_extracted_delivery_and_archive_match_what_was_verified(relay):
+    """For a commune with extracted delivery: a second handle's writes change neither the files nor the archive."""
+    package = build_package(SampleSpec(numero="A-3-EXTRACT1", demarche="RCO", insee="75056"))
+    with _session(relay) as client:
+        first = client.open("X.zip", "w")
+        second = client.open("X.zip", "w")
+        first.write(package)
+        first.flush()
+        second.write(package)
+        second.close()
+        first.seek(len(package) - len(GARBAGE))
+        first.write(GARBAGE)
+        first.close()
+    [row] = relay.ledger_rows("SELECT sha256 FROM packages WHERE outcome = 'accepted'")
+    assert row["sha256"] == _sha(package)
+    assert [_sha(p.read_bytes()) for p in _archived(relay)] == [_sha(package)]
+    [folder] = _inbox_files(relay, "75056")
+    summary = json.loads((folder / "relayd.json").read_text())
+    assert summary["package_sha256"] == _sha(package)
+    for entry in summary["files"]:
+        assert _sha((folder / entry["path"]).read_bytes()) == entry["sha256"], entry["path"]
 
 
 def test_a_second_channel_cannot_commit_an_open_upload(relay):
