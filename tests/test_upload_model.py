@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import shutil
@@ -103,6 +104,29 @@ def test_two_handles_in_one_session_cannot_change_a_committed_package(relay):
     _assert_inbox_is_what_was_verified(relay, [PACKAGE])
 
 
+def test_extracted_delivery_and_archive_match_what_was_verified(relay):
+    """For a commune with extracted delivery: a second handle's writes change neither the files nor the archive."""
+    package = build_package(SampleSpec(numero="A-3-EXTRACT1", demarche="RCO", insee="75056"))
+    with _session(relay) as client:
+        first = client.open("X.zip", "w")
+        second = client.open("X.zip", "w")
+        first.write(package)
+        first.flush()
+        second.write(package)
+        second.close()
+        first.seek(len(package) - len(GARBAGE))
+        first.write(GARBAGE)
+        first.close()
+    [row] = relay.ledger_rows("SELECT sha256 FROM packages WHERE outcome = 'accepted'")
+    assert row["sha256"] == _sha(package)
+    assert [_sha(p.read_bytes()) for p in _archived(relay)] == [_sha(package)]
+    [folder] = _inbox_files(relay, "75056")
+    summary = json.loads((folder / "relayd.json").read_text())
+    assert summary["package_sha256"] == _sha(package)
+    for entry in summary["files"]:
+        assert _sha((folder / entry["path"]).read_bytes()) == entry["sha256"], entry["path"]
+
+
 def test_a_second_channel_cannot_commit_an_open_upload(relay):
     """A second SFTP channel renaming the first's .part commits only what the first closed, never its open handle."""
     transport = paramiko.Transport(("127.0.0.1", relay.port))
@@ -143,6 +167,19 @@ def test_a_second_connection_cannot_change_a_committed_package(relay):
         still_open.close()
         with pytest.raises(OSError, match="refused"):
             stale.posix_rename("X.zip.part", "X.zip")
+    _assert_inbox_is_what_was_verified(relay, [PACKAGE])
+
+
+def test_a_resumed_upload_goes_on_from_its_own_copy(relay):
+    """Half a package, closed; opened again to append (as `reput` does) the rest: one whole package."""
+    half = len(PACKAGE) // 2
+    with _session(relay) as client:
+        with client.open("X.zip.part", "w") as fh:
+            fh.write(PACKAGE[:half])
+        with client.open("X.zip.part", "a") as fh:
+            fh.write(PACKAGE[half:])
+        assert client.stat("X.zip.part").st_size == len(PACKAGE)
+        client.posix_rename("X.zip.part", "X.zip")
     _assert_inbox_is_what_was_verified(relay, [PACKAGE])
 
 

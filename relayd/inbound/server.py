@@ -428,10 +428,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
 
     def _virtual(self, path: bytes) -> bytes:
         """The client's path, absolute and normalised, with the account's directory mapped to ``/``."""
-        if b"\x00" in path:
-            raise asyncssh.SFTPNoSuchFile("no such file")
-        v = posixpath.normpath(posixpath.join(b"/", path))
-        v = b"/" + v.lstrip(b"/")
+        v = self._virtual_raw(path)
         d = self._directory
         if d is not None and (v == d or v.startswith(d + b"/")):
             v = b"/" + v[len(d):].lstrip(b"/")
@@ -443,6 +440,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
         return v != b"/" and v in self._parents
 
     def _virtual_raw(self, path: bytes) -> bytes:
+        """The client's path, absolute and normalised, as the client sees it."""
         if b"\x00" in path:
             raise asyncssh.SFTPNoSuchFile("no such file")
         v = posixpath.normpath(posixpath.join(b"/", path))
