@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     p_retention.add_argument("--json", action="store_true", help="print JSON")
     p_retention.add_argument("--now", metavar="ISO8601", type=_moment, help="purge as if it were this time")
 
+    from relayd.ledger_admin import register as register_ledger
+
+    register_ledger(sub)
+
     from relayd.testkit.cli import register as register_testkit
 
     register_testkit(sub)
@@ -114,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         return commands.outbox_purge(config, args.ids)
     if args.command in ("status", "retention"):
         return _ledger_report(args)
+    if args.command == "ledger":
+        from relayd.ledger_admin import run_command as ledger_command
+
+        return ledger_command(_load_or_exit(args.config), args)
     if args.command == "testkit":
         from relayd.testkit.cli import run as run_testkit
 
@@ -210,11 +218,16 @@ def _check_config(path: Path) -> int:
 
 def _run(config: Config, path: Path) -> int:
     from relayd import daemon
+    from relayd.ledger import LedgerUnusable
 
     try:
         asyncio.run(daemon.run(config, config_path=path))
     except KeyboardInterrupt:
         pass
+    except LedgerUnusable as exc:
+        # One line, no traceback: the journal shows what to do, and the unit does not restart on it.
+        print(f"relayd: {exc.message}", file=sys.stderr)
+        return exc.exit_status
     return 0
 
 

@@ -235,6 +235,9 @@ class Returns(_Strict):
 
 class Storage(_Strict):
     root: Path
+    ledger_lock_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="at start, how long to wait for a ledger another process holds, then give up"
+    )
 
     @property
     def drop(self) -> Path:

@@ -29,7 +29,7 @@ from relayd.events import Events
 from relayd.fsutil import ensure_dir, resolve_gid, share_dir
 from relayd.inbound.intake import Intake
 from relayd.inbound.server import InboundServer, ServerState, load_host_keys, resolve_auth
-from relayd.ledger import Ledger
+from relayd.ledger_admin import open_for_run
 from relayd.mail import Mailer
 from relayd.metrics import Metrics
 from relayd.outbound.acks import Acknowledger
@@ -93,7 +93,7 @@ async def run(config: Config, *, config_path: Path | None = None,
     prepare_storage(config)
     loop = asyncio.get_running_loop()
     events = Events()
-    ledger = Ledger(config.storage.ledger)
+    ledger = open_for_run(config)
     outbox = Outbox.from_config(ledger, config)
     outbox.events = events
     worker = DeliveryWorker(outbox, config.platform, events=events)
