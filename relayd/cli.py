@@ -134,7 +134,7 @@ def _ledger_report(args: argparse.Namespace) -> int:
     from contextlib import closing
 
     from relayd.clock import SYSTEM_CLOCK, Clock
-    from relayd.ledger import Ledger
+    from relayd.ledger import Ledger, LedgerUnusable
 
     config = _load_or_exit(args.config)
     now = (Clock.at(args.now) if args.now is not None else SYSTEM_CLOCK).now()
@@ -142,7 +142,12 @@ def _ledger_report(args: argparse.Namespace) -> int:
         print(f"relayd: no ledger at {config.storage.ledger}: relayd has not run with this configuration",
               file=sys.stderr)
         return 2
-    with closing(Ledger(config.storage.ledger)) as ledger:
+    try:
+        ledger = Ledger(config.storage.ledger)
+    except LedgerUnusable as exc:
+        print(f"relayd: {exc.message}", file=sys.stderr)
+        return exc.exit_status
+    with closing(ledger):
         if args.command == "status":
             from relayd.deadlines import run_command as status
 

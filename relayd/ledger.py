@@ -201,16 +201,17 @@ class Ledger:
         self._db.execute("PRAGMA busy_timeout = 30000")
 
     def _open(self) -> None:
-        """Check the file and bring the schema up to date, in one write transaction (so a lock shows now)."""
+        """Check the file, then bring the schema up to date in a write transaction (so that a lock shows now)."""
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Outside the write transaction: in WAL mode the check only reads, and holds up no writer of the daemon.
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
-                if problems != ["ok"]:
-                    raise sqlite3.DatabaseError("; ".join(problems))
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)

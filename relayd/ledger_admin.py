@@ -22,7 +22,7 @@ import structlog
 
 from relayd.config import Config
 from relayd.fsutil import fsync_dir
-from relayd.ledger import EXIT_LEDGER_UNUSABLE, Ledger, LedgerUnusable, PackageRecord, is_fresh
+from relayd.ledger import EXIT_LEDGER_LOCKED, EXIT_LEDGER_UNUSABLE, Ledger, LedgerUnusable, PackageRecord, is_fresh
 from relayd.pec.package import inspect_package
 from relayd.pec.replies import read_reply
 from relayd.rejections import Rejection
@@ -179,7 +179,9 @@ def rebuild(config: Config, *, force: bool = False) -> Rebuilt:
             try:
                 with closing(Ledger(path, lock_timeout=1)) as current:
                     count = current.query("SELECT COUNT(*) AS n FROM dossiers")[0]["n"]
-            except LedgerUnusable:
+            except LedgerUnusable as exc:
+                if exc.exit_status == EXIT_LEDGER_LOCKED:
+                    raise  # someone (relayd?) is using it: not a ledger to replace
                 count = None
             if count:
                 raise LedgerUnusable(f"the ledger {path} opens and holds {count} dossier(s); "
