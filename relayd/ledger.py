@@ -108,6 +108,10 @@ _MIGRATIONS = {
         "requested_state": "TEXT CHECK (requested_state IN ('recu', 'clos'))",
         "scrubbed_at": "TEXT",  # set by retention once the dossier's personal data has left the ledger
     },
+    "outbox": {
+        # of ``attempts``, those an outage of the return server took: they do not count towards dead-letter
+        "outage_attempts": "INTEGER NOT NULL DEFAULT 0",
+    },
 }
 
 

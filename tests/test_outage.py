@@ -109,3 +109,31 @@ def test_a_host_key_mismatch_holds_the_queue_and_never_dead_letters(make_relay, 
     relay.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: relay.outbox()[0]["status"] == "delivered", timeout=30, what="the ack delivered")
     assert len([n for n in platform.files() if not n.endswith(".part")]) == 1
+
+
+def test_attempts_an_outage_took_do_not_count_towards_dead_letter(tmp_path):
+    """In-process, with a clock the test moves: three days of outage, then the server refuses with its disk full."""
+    from relayd.config import Retry
+    from relayd.ledger import Ledger
+    from relayd.outbound.outbox import Outbox, Queued
+    from relayd.pec.replies import ReplyPackage
+
+    now = [1_800_000_000.0]
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    retry = Retry(initial_seconds=10, factor=2, max_seconds=60, jitter=0, max_attempts=3, max_age_hours=24)
+    outbox = Outbox(ledger, tmp_path / "outbox", tmp_path / "archive", retry, clock=lambda: now[0])
+    try:
+        entry = outbox.enqueue(ReplyPackage(message_id="M1", name="r1.zip", kind="AVL", data=b"ack"),
+                               Queued(kind="AVL", numero="A-1-AAAAAAAA"))
+        for _ in range(50):  # 72 h of a server out of reach
+            now[0] += 72 * 3600 / 50
+            entry = outbox.failed(outbox.get(entry.id), "connect_failed", "refused", outage=True)
+            assert entry.status == "pending"
+        assert entry.attempts == 50
+        # Back, but refusing: the whole budget of max_attempts, not a dead-letter at the first refusal.
+        for n in range(1, 4):
+            now[0] += 120
+            entry = outbox.failed(outbox.get(entry.id), "remote_error", "No space left on device")
+            assert entry.status == ("dead" if n == 3 else "pending"), n
+    finally:
+        ledger.close()

@@ -216,18 +216,23 @@ class Outbox:
 
         ``permanent`` failures (retrying cannot help) go to dead-letter at once. An ``outage``
         (the server out of reach) says nothing about the entry: it waits, however long, with the
-        capped backoff. Other failures go to dead-letter after ``max_attempts`` or ``max_age_hours``.
+        capped backoff. Other failures go to dead-letter after ``max_attempts`` or ``max_age_hours``,
+        counted without the attempts and the time an outage took: a server back from three days
+        away with a full disk gets the whole budget again.
         """
         attempts = entry.attempts + 1
         now = self.clock()
-        age_hours = (now - datetime.fromisoformat(entry.created_at).timestamp()) / 3600
-        worn_out = attempts >= self.retry.max_attempts or age_hours >= self.retry.max_age_hours
-        dead = permanent or (worn_out and not outage)
-        next_at = now if dead else now + self.backoff(attempts)
         with self.ledger.transaction() as db:
-            db.execute("UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error_code = ?,"
-                       " last_error = ? WHERE id = ? AND status = 'pending'",
-                       ("dead" if dead else "pending", attempts, next_at, code, message, entry.id))
+            waited = db.execute("SELECT outage_attempts FROM outbox WHERE id = ?", (entry.id,)).fetchone()
+            outages = (waited["outage_attempts"] if waited else 0) + (1 if outage else 0)
+            age_hours = (now - datetime.fromisoformat(entry.created_at).timestamp()) / 3600
+            worn_out = attempts - outages >= self.retry.max_attempts or (
+                outages == 0 and age_hours >= self.retry.max_age_hours)
+            dead = permanent or (worn_out and not outage)
+            next_at = now if dead else now + self.backoff(attempts)
+            db.execute("UPDATE outbox SET status = ?, attempts = ?, outage_attempts = ?, next_attempt_at = ?,"
+                       " last_error_code = ?, last_error = ? WHERE id = ? AND status = 'pending'",
+                       ("dead" if dead else "pending", attempts, outages, next_at, code, message, entry.id))
             if dead:
                 Ledger.event(db, entry.numero, "dead_letter",
                              f"{entry.kind} #{entry.id} gave up after {attempts} attempts: {code}: {message}")
@@ -274,7 +279,8 @@ class Outbox:
         with self.ledger.transaction() as db:
             for entry_id in ids:
                 cursor = db.execute(
-                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?, created_at = ?"
+                    "UPDATE outbox SET status = 'pending', attempts = 0, outage_attempts = 0, next_attempt_at = ?,"
+                    " created_at = ?"
                     " WHERE id = ? AND status IN ('pending', 'dead')", (self.clock(), _iso(self.clock()), entry_id))
                 if cursor.rowcount:
                     changed.append(entry_id)
