@@ -196,6 +196,11 @@ def killer(c: Campaign, kills: int, gap: tuple[float, float]) -> None:
     targets = ["server"] * round(kills * SERVER_SHARE)
     targets += ["relayd"] * (kills - len(targets))
     c.rng.shuffle(targets)
+    if "server" in targets and "relayd" in targets:
+        # The first two hit each side once, so that a run its time limit cuts short still crashes both.
+        targets.remove("server")
+        targets.remove("relayd")
+        targets[:0] = ["relayd", "server"]
     for target in targets:
         wait = c.rng.uniform(*gap)
         if time.monotonic() + wait >= c.deadline:
