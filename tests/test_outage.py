@@ -137,3 +137,29 @@ def test_attempts_an_outage_took_do_not_count_towards_dead_letter(tmp_path):
             assert entry.status == ("dead" if n == 3 else "pending"), n
     finally:
         ledger.close()
+
+
+def test_a_name_that_does_not_resolve_is_an_outage_not_a_dead_letter(tmp_path):
+    """DNS failure: the entry waits like any unreachable server."""
+    import asyncio
+
+    import pytest
+
+    from relayd.config import ReturnServer
+    from relayd.outbound.delivery import OUTAGE_FAILURES
+    from relayd.outbound.sftp_client import DeliveryError, ReturnServerClient
+    from platform_sshd import make_client_key
+
+    key = make_client_key(tmp_path)
+    server = ReturnServer(host="relayd-return-server.invalid", username="commune", private_key=key,
+                          host_key_fingerprints=["SHA256:" + "A" * 43], connect_timeout_seconds=5)
+    payload = tmp_path / "ack.zip"
+    payload.write_bytes(b"ack")
+
+    async def deliver() -> None:
+        async with ReturnServerClient(server) as client:
+            await client.deliver(payload, "ack.zip", remote_dir=".")
+
+    with pytest.raises(DeliveryError) as caught:
+        asyncio.run(deliver())
+    assert caught.value.code in OUTAGE_FAILURES
