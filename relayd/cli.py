@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p_fp.add_argument("-c", "--config", type=Path, default=Path("/etc/relayd/relayd.yaml"))
     p_fp.add_argument("--host", help="the name the platform connects to (default: the listening address)")
 
+    from relayd.ledger_admin import register as register_ledger
+
+    register_ledger(sub)
+
     from relayd.testkit.cli import register as register_testkit
 
     register_testkit(sub)
@@ -130,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         from relayd.inbound.defender_commands import run as run_defender
 
         return run_defender(args, _load_or_exit(args.config))
+    if args.command == "ledger":
+        from relayd.ledger_admin import run_command as ledger_command
+
+        return ledger_command(_load_or_exit(args.config), args)
     if args.command == "testkit":
         from relayd.testkit.cli import run as run_testkit
 
@@ -142,7 +150,7 @@ def _ledger_report(args: argparse.Namespace) -> int:
     from contextlib import closing
 
     from relayd.clock import SYSTEM_CLOCK, Clock
-    from relayd.ledger import Ledger
+    from relayd.ledger import Ledger, LedgerUnusable
 
     config = _load_or_exit(args.config)
     now = (Clock.at(args.now) if args.now is not None else SYSTEM_CLOCK).now()
@@ -150,7 +158,12 @@ def _ledger_report(args: argparse.Namespace) -> int:
         print(f"relayd: no ledger at {config.storage.ledger}: relayd has not run with this configuration",
               file=sys.stderr)
         return 2
-    with closing(Ledger(config.storage.ledger)) as ledger:
+    try:
+        ledger = Ledger(config.storage.ledger)
+    except LedgerUnusable as exc:
+        print(f"relayd: {exc.message}", file=sys.stderr)
+        return exc.exit_status
+    with closing(ledger):
         if args.command == "status":
             from relayd.deadlines import run_command as status
 
@@ -231,11 +244,16 @@ def _check_config(path: Path) -> int:
 
 def _run(config: Config, path: Path) -> int:
     from relayd import daemon
+    from relayd.ledger import LedgerUnusable
 
     try:
         asyncio.run(daemon.run(config, config_path=path))
     except KeyboardInterrupt:
         pass
+    except LedgerUnusable as exc:
+        # One line, no traceback: the journal shows what to do, and the unit does not restart on it.
+        print(f"relayd: {exc.message}", file=sys.stderr)
+        return exc.exit_status
     return 0
 
 

@@ -229,8 +229,10 @@ class Retry(_Strict):
     factor: float = Field(default=2.0, ge=1)
     max_seconds: float = Field(default=900.0, gt=0, description="the cap on one wait")
     jitter: float = Field(default=0.2, ge=0, le=1, description="each wait varies by up to this fraction")
-    max_attempts: int = Field(default=200, gt=0, description="then the entry goes to dead-letter")
-    max_age_hours: float = Field(default=72.0, gt=0, description="or once it is this old")
+    max_attempts: int = Field(
+        default=200, gt=0, description="then an entry the server keeps refusing goes to dead-letter (never for an outage)"
+    )
+    max_age_hours: float = Field(default=72.0, gt=0, description="or once it is this old (never for an outage)")
 
 
 class ReturnServer(_Strict):
@@ -253,6 +255,9 @@ class ReturnServer(_Strict):
     operation_timeout_seconds: float = Field(default=120.0, gt=0)
     idle_seconds: float = Field(default=60.0, ge=0, description="an idle connection is kept this long for reuse")
     retry: Retry = Retry()
+    alert_after_hours: float = Field(
+        default=1.0, gt=0, description="an outage of the return server this long alerts the administrator (it still waits)"
+    )
 
     @field_validator("host_key_fingerprints")
     @classmethod
@@ -291,6 +296,9 @@ class Returns(_Strict):
 
 class Storage(_Strict):
     root: Path
+    ledger_lock_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="at start, how long to wait for a ledger another process holds, then give up"
+    )
 
     @property
     def drop(self) -> Path:

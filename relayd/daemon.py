@@ -31,7 +31,7 @@ from relayd.inbound.host_keys import ensure_host_keys
 from relayd.inbound.intake import Intake
 from relayd.inbound.server import InboundServer, ServerState, resolve_auth
 from relayd.inbound.uploads import UploadArea
-from relayd.ledger import Ledger
+from relayd.ledger_admin import open_for_run
 from relayd.mail import Mailer
 from relayd.metrics import Metrics
 from relayd.outbound.acks import Acknowledger
@@ -96,7 +96,7 @@ async def run(config: Config, *, config_path: Path | None = None,
     prepare_storage(config)
     loop = asyncio.get_running_loop()
     events = Events()
-    ledger = Ledger(config.storage.ledger)
+    ledger = open_for_run(config)
     outbox = Outbox.from_config(ledger, config)
     outbox.events = events
     worker = DeliveryWorker(outbox, config.platform, events=events)

@@ -113,8 +113,23 @@ class DiskLow:
     path: str
 
 
+@dataclass(frozen=True)
+class ReturnServerOutage:
+    """The return server has been out of reach for ``platform.alert_after_hours`` (``down``), or is back (not ``down``)."""
+
+    down: bool
+    host: str
+    port: int
+    #: how long it has lasted so far (down), or lasted in all (back)
+    seconds: float
+    error_code: str
+    error: str
+    #: entries waiting for it
+    pending: int
+
+
 Event = (PackageReceived | PackageAccepted | PackageRejected | ReplyDelivered | DeadLetter | HostKeyMismatch
-         | AuthFailed | AddressBanned | DiskLow)
+         | AuthFailed | AddressBanned | DiskLow | ReturnServerOutage)
 Listener = Callable[[Event], None]
 
 

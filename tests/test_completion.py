@@ -89,10 +89,11 @@ def test_completed_large_upload_lands_whole(relay, big_package):
 
 def test_staged_package_is_finished_after_a_crash(make_relay, tmp_path):
     """A package committed just before a crash (still in staging) is handed over at the next start."""
-    relay = make_relay(start=False)
+    relay = make_relay()
+    relay.stop()  # it has run: a ledger exists (staging without one is refused at start, as a forgotten ledger)
     spec = SampleSpec(numero="A-3-CRASHED1", demarche="ILE", insee="90017")
     staging = relay.root / "var" / "staging"
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True, exist_ok=True)
     (staging / "0123abcd.zip").write_bytes(build_package(spec))
     (staging / "0123abcd.upload.json").write_text('{"account": "plateforme", "peer": "127.0.0.1:1", "name": "c.zip"}')
     relay.start()
