@@ -434,10 +434,17 @@ def test_idle_sockets_from_many_addresses_do_not_keep_the_platform_out(make_rela
         assert pushed.returncode == 0, pushed.stderr
         wait_for(lambda: list(relay.inbox("90017").glob("*.zip")), timeout=30, what="the package in the inbox")
 
-        still_open = {}
-        for sock in idle:
-            if not _closed_by_relay(sock):
-                still_open[sock.getsockname()[0]] = still_open.get(sock.getsockname()[0], 0) + 1
+        still_open: dict[str, int] = {}
+
+        def within_budget() -> bool:
+            # A refused socket gets its disconnect after a short linger, later still on a loaded machine.
+            still_open.clear()
+            for sock in idle:
+                if not _closed_by_relay(sock):
+                    still_open[sock.getsockname()[0]] = still_open.get(sock.getsockname()[0], 0) + 1
+            return not still_open or (sum(still_open.values()) <= 100 and max(still_open.values()) <= 8)
+
+        wait_for(within_budget, timeout=8, what="the refused idle sockets to be disconnected")
         assert still_open, "the idle sockets timed out first: the push did not go through at once"
         assert sum(still_open.values()) <= 100 and max(still_open.values()) <= 8  # full, and per address
     finally:
