@@ -23,10 +23,9 @@ from typing import BinaryIO
 
 from relayd.config import Commune
 from relayd.fsutil import TEMP_PREFIX, apply_owner_mode, publish_dir, publish_file, resolve_gid
-from relayd.pec.package import Package
-from relayd.pec.zipcheck import CHUNK, open_zip, stream_member
+from relayd.pec.package import SUMMARY_NAME, Package, nested_folder
+from relayd.pec.zipcheck import open_zip, stream_member
 
-SUMMARY_NAME = "relayd.json"
 
 
 def inbox_name(package: Package, commune: Commune) -> str:
@@ -100,11 +99,11 @@ def _extract_all(package: Package, source: Path, dest: Path, mode: int, gid: int
             if info.is_dir():
                 continue
             if info.filename in package.nested:
-                sub = dest / PurePosixPath(info.filename).stem
+                sub = dest / nested_folder(info.filename)
                 sub.mkdir(mode=0o700)
                 # A nested zip must be seekable: spool it, anonymously, on the inbox's own disk.
-                with zf.open(info) as raw, tempfile.TemporaryFile(dir=dest) as spool:
-                    shutil.copyfileobj(raw, spool, CHUNK)
+                with tempfile.TemporaryFile(dir=dest) as spool:
+                    stream_member(zf, info, spool.write)
                     spool.seek(0)
                     with open_zip(spool) as inner:
                         for nested in package.nested[info.filename]:

@@ -40,7 +40,7 @@ from relayd.pec.envelope import Location, Party, Recipients, Routing, read_envel
 from relayd.pec.replies import Attachment, ReplyPackage, build_retour, read_reply
 from relayd.pec.status import StatusFile, read_status_file
 from relayd.pec.xml import parse_xml
-from relayd.pec.zipcheck import PackageLimits, check_directory, open_zip
+from relayd.pec.zipcheck import PackageLimits, check_directory, check_extraction_names, open_zip
 from relayd.rejections import Reason, Rejection
 
 log = structlog.get_logger("relayd.returns")
@@ -215,6 +215,7 @@ class ReturnDrops:
             limits = PackageLimits(max_package_bytes=budget, max_members=self.config.returns.max_attachments + 1,
                                    max_total_uncompressed_bytes=budget)
             infos = check_directory(zf, limits, label="the return zip")
+            check_extraction_names((i.filename for i in infos), label="the return zip")
             names = [i.filename for i in infos if not i.is_dir()]
             if "message.xml" in names:
                 reply = read_reply(data)
