@@ -42,6 +42,7 @@ class Reason(StrEnum):
     ZIP_NAME_INVALID = "zip_name_invalid"
     ZIP_NAME_COLLISION = "zip_name_collision"
     ZIP_NESTED_TOO_DEEP = "zip_nested_too_deep"
+    ZIP_ENTRY_TYPE = "zip_entry_type"
     EXTRACT_COLLISION = "extract_collision"
     ENVELOPE_MISSING = "envelope_missing"
     XML_FORBIDDEN = "xml_forbidden"
@@ -106,6 +107,7 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.ZIP_NAME_INVALID: "A member name holds control characters, backslashes, empty or '.' parts, or bad encoding.",
     Reason.ZIP_NAME_COLLISION: "Two member names are the same once case and Unicode normalisation are ignored.",
     Reason.ZIP_NESTED_TOO_DEEP: "A zip inside the nested attachments zip: only one level of nesting is accepted.",
+    Reason.ZIP_ENTRY_TYPE: "A member is a device or a pipe, or a folder and a file at once, which readers take differently.",
     Reason.EXTRACT_COLLISION: "Two members would collide once extracted (a file and a folder of one name, or relayd.json).",
     Reason.ENVELOPE_MISSING: "The package has no message.xml envelope.",
     Reason.XML_FORBIDDEN: "An XML file declares a DOCTYPE or entities, which are refused.",

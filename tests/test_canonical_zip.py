@@ -30,12 +30,14 @@ CANONICAL_KINDS = [
     "overlapping-members", "hidden-gap", "central-offset-lie", "local-name-mismatch", "local-crc-mismatch",
     "deflate-slack", "unicode-path-extra", "unicode-comment-extra", "case-collision", "unicode-collision",
     "control-char-name", "backslash-name", "undeclared-name-encoding", "summary-name-member", "file-and-folder",
+    "file-marked-folder", "member-in-pj-folder",
     "pj-nested-zip", "pj-disguised-zip", "pj-file-and-folder", "pj-dot-member", "pj-trailing-data",
     "pj-unicode-path-extra",
 ]
 #: kinds refused after the envelope was read, so the platform gets a negative ack
 ADDRESSABLE_KINDS = [
-    "case-collision", "unicode-collision", "summary-name-member", "file-and-folder", "pj-nested-zip",
+    "case-collision", "unicode-collision", "summary-name-member", "file-and-folder", "member-in-pj-folder",
+    "pj-nested-zip",
     "pj-disguised-zip", "pj-file-and-folder", "pj-dot-member", "pj-trailing-data", "pj-unicode-path-extra",
 ]
 
@@ -110,6 +112,15 @@ def test_the_refused_layouts_do_fool_one_reader_or_the_other(kind):
     except zipfile.BadZipFile:
         central = []
     assert streaming_list(data) != central
+
+
+def test_a_file_marked_as_folder_is_a_folder_for_libarchive(tmp_path):
+    data = build_broken("file-marked-folder", _spec(0))
+    (tmp_path / "p.zip").write_bytes(data)
+    seekable = subprocess.run([require_program("bsdtar"), "-tf", str(tmp_path / "p.zip")], capture_output=True,
+                              text=True, timeout=60).stdout.splitlines()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert sorted(n + "/" if "recapPDF" in n else n for n in zf.namelist()) == sorted(seekable)
 
 
 def test_every_canonical_kind_is_refused_with_its_code(make_relay, tmp_path):

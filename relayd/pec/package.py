@@ -25,6 +25,7 @@ from relayd.pec.zipcheck import (
     PackageLimits,
     check_directory,
     check_extraction_names,
+    name_key,
     open_zip,
     stream_member,
 )
@@ -223,6 +224,14 @@ def check_extracted_tree(infos: list[zipfile.ZipInfo], nested: dict[str, list[Me
     so that whether a package is accepted never depends on the commune it is for.
     """
     names = [i.filename for i in infos if i.filename not in nested]
+    folders = {name_key(nested_folder(zip_name)): zip_name for zip_name in nested}
+    for name in names:
+        # A nested zip's folder is its alone: relayd creates it, and nothing else may be in it.
+        key = name_key(name)
+        for depth in range(1, len(key) + 1):
+            if key[:depth] in folders:
+                raise Rejection(Reason.EXTRACT_COLLISION,
+                                f"the package once extracted: {name!r} would land where {folders[key[:depth]]!r} unpacks.")
     for zip_name, inner in nested.items():
         folder = nested_folder(zip_name)
         names.append(f"{folder}/")

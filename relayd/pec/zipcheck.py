@@ -325,6 +325,7 @@ def check_directory(zf: zipfile.ZipFile, limits: PackageLimits, *, label: str = 
         check_member_name(name, label=label)
         if stat.S_ISLNK(info.external_attr >> 16):
             raise Rejection(Reason.ZIP_SYMLINK, f"{label}: member {name!r} is a symbolic link.")
+        _check_entry_type(info, label)
         if name in seen:
             raise Rejection(Reason.ZIP_DUPLICATE_MEMBER, f"{label}: member {name!r} appears twice.")
         seen.add(name)
@@ -351,17 +352,37 @@ def check_directory(zf: zipfile.ZipFile, limits: PackageLimits, *, label: str = 
     return infos
 
 
+def _check_entry_type(info: zipfile.ZipInfo, label: str) -> None:
+    """A member is a plain file or an empty folder, and its name and attributes agree on which.
+
+    zipfile and unzip go by the trailing ``/``; libarchive also by the mode bits and the
+    MS-DOS folder attribute: a file marked as a folder is a member that one reader skips.
+    """
+    name = info.filename
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise Rejection(Reason.ZIP_ENTRY_TYPE, f"{label}: member {name!r} is a device, a pipe or a socket.")
+    marked_folder = kind == stat.S_IFDIR or bool(info.external_attr & 0x10)
+    if marked_folder != info.is_dir():
+        shape = "a folder under a file's name" if marked_folder else "a file under a folder's name"
+        raise Rejection(Reason.ZIP_ENTRY_TYPE, f"{label}: member {name!r} is {shape}.")
+    if info.is_dir() and info.file_size:
+        raise Rejection(Reason.ZIP_ENTRY_TYPE, f"{label}: folder {name!r} holds {info.file_size} bytes of data.")
+
+
 def check_member_name(name: str, *, label: str = "the package") -> None:
     """Refuse a member name that readers or file systems could take differently.
 
-    Absolute names and ``..`` have their own codes; control characters (NUL included),
-    bidirectional overrides, backslashes (a separator on Windows), empty or ``.`` parts and
-    over-long names are ``zip_name_invalid``.
+    Absolute names and ``..`` have their own codes; control and invisible characters (NUL,
+    CR, bidirectional overrides...), backslashes (a separator on Windows), empty or ``.``
+    parts, characters and device names that Windows cannot store, and over-long names are
+    ``zip_name_invalid``.
     """
     if not name:
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: a member has an empty name.")
     shown = name.encode("unicode_escape").decode("ascii")
-    if any(unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS for c in name):
+    # Cc: control characters (NUL, CR, LF...); Cf: invisible ones (bidi overrides, zero-width spaces, BOM).
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {shown!r} holds control characters.")
     posix = name.replace("\\", "/")
     if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":"):
@@ -373,12 +394,17 @@ def check_member_name(name: str, *, label: str = "the package") -> None:
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} holds a backslash.")
     if any(part in ("", ".") for part in parts):
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} has an empty or '.' part.")
+    # The inbox may be read over SMB by Windows software, which cannot hold these names as they are.
+    if any(c in _WINDOWS_FORBIDDEN for c in name):
+        raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} holds one of {_WINDOWS_FORBIDDEN}.")
+    if any(part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES for part in parts):
+        raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} is a Windows device name.")
     if len(name.encode()) > _MAX_NAME_BYTES or any(len(p.encode()) > _MAX_COMPONENT_BYTES for p in parts):
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name[:80]!r}... is too long to extract.")
 
 
-#: characters that make a name display in another order than it is stored
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_WINDOWS_FORBIDDEN = '<>:"|?*'
+_WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))})
 
 
 def name_key(name: str) -> tuple[str, ...]:

@@ -597,6 +597,29 @@ def _file_and_folder(spec: SampleSpec) -> bytes:
     return _package(members, spec)
 
 
+def _file_marked_folder(spec: SampleSpec) -> bytes:
+    # Named as a file, but its Unix mode says folder: libarchive skips its data, zipfile extracts it.
+    members = build_members(spec)
+    victim = _victim(spec)
+    pairs: list[tuple[str | zipfile.ZipInfo, bytes]] = []
+    for name, data in members.items():
+        if name == victim:
+            info = zip_entry(name, spec.zip_date_time)
+            info.external_attr = (stat.S_IFDIR | 0o755) << 16
+            pairs.append((info, data))
+        else:
+            pairs.append((name, data))
+    return write_zip(pairs, date_time=spec.zip_date_time)
+
+
+def _member_in_pj_folder(spec: SampleSpec) -> bytes:
+    # A top-level member inside the folder that an extracted delivery unpacks the attachments zip into.
+    spec = _with_scans(spec)
+    members = build_members(spec)
+    members[pj_member_name(spec).removesuffix(".zip") + "/P5PA1_Justificatif_identite.pdf"] = pdf_bytes(["intrus"])
+    return _package(members, spec)
+
+
 def _pj_nested_zip(spec: SampleSpec) -> bytes:
     # A bomb two levels deep: the attachments zip holds a zip that holds 20 MiB of zeros.
     deep = write_zip({"P5PZ1_Scan_vierge.pdf": pdf_bytes(["Scan vierge"], padding=bytes(BOMB_BYTES))})
@@ -823,6 +846,10 @@ BROKEN_KINDS: dict[str, BrokenKind] = _kinds(
                _summary_name_member),
     BrokenKind("file-and-folder", Reason.EXTRACT_COLLISION,
                "Members 'notes' and 'notes/a.txt': a file and a folder of one name.", _file_and_folder),
+    BrokenKind("file-marked-folder", Reason.ZIP_ENTRY_TYPE,
+               "The recap PDF's Unix mode says folder while its name says file.", _file_marked_folder),
+    BrokenKind("member-in-pj-folder", Reason.EXTRACT_COLLISION,
+               "A top-level member inside the folder the attachments zip unpacks into.", _member_in_pj_folder),
     BrokenKind("pj-nested-zip", Reason.PJ_ZIP_UNSAFE,
                "The attachments zip holds a zip holding 20 MiB of zeros (a bomb two levels deep).",
                _pj_nested_zip, cause=Reason.ZIP_NESTED_TOO_DEEP),
