@@ -106,6 +106,8 @@ CASES = {
     "a PDF that does not open": ({"a.pdf": b"%PDF-1.4\n" + bytes(500), "s.xml": status(files=("a.pdf",))},
                                  "attachment_unreadable"),
     "a broken PNG": ({"a.png": png_bytes()[:-20], "s.xml": status(files=("a.png",))}, "attachment_unreadable"),
+    "HTML after a PNG": ({"a.png": png_bytes() + b"<html><script>x</script></html>", "s.xml": status(files=("a.png",))},
+                         "attachment_type"),
     "a zip with names differing by case": ({"s.zip": zipped({"s.xml": status(files=("a.pdf",)), "a.pdf": PDF,
                                                              "A.pdf": PDF})}, "zip_name_collision"),
 }
@@ -244,16 +246,25 @@ def test_a_fifo_is_refused_without_blocking(drops):
     _refused(returns_drops, config, folder / "s.xml", "drop_not_regular")
 
 
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
 def test_what_is_taken_is_copied_and_the_original_removed(drops):
     # relayd never changes the mode of a file it did not create: the archive holds a copy of its own.
     returns_drops, config = drops
     folder = config.communes[0].returns
     (folder / "a.pdf").write_bytes(PDF)
     (folder / "a.png").write_bytes(png_bytes())
-    (folder / "s.xml").write_bytes(status(files=("a.pdf", "a.png")))
-    for name in ("a.pdf", "a.png", "s.xml"):
+    (folder / "a.jpg").write_bytes(_jpeg())
+    (folder / "s.xml").write_bytes(status(files=("a.pdf", "a.png", "a.jpg")))
+    for name in ("a.pdf", "a.png", "a.jpg", "s.xml"):
         (folder / name).chmod(0o664)
-    kept = {name: os.stat(folder / name).st_ino for name in ("a.pdf", "a.png", "s.xml")}
+    kept = {name: os.stat(folder / name).st_ino for name in ("a.pdf", "a.png", "a.jpg", "s.xml")}
     outcome = returns_drops.process(folder / "s.xml", config.communes[0])
     assert outcome.status == "queued"
     assert list(folder.iterdir()) == []

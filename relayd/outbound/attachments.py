@@ -16,14 +16,16 @@ from relayd.rejections import Reason, Rejection
 
 #: markers that make a browser take the bytes for a web page, whatever they start with
 _HTML_MARKERS = (b"<html", b"<!doctype", b"<head", b"<body", b"<script", b"<iframe", b"<svg", b"<meta")
-#: PDF names that run code or programs (ISO 32000: JavaScript actions and name trees, launch actions)
-_ACTIVE_NAMES = frozenset({"/JS", "/JavaScript", "/Launch"})
-_RAW_ACTIVE_NAMES = frozenset({"/JavaScript", "/Launch"})
+#: PDF names that run code or programs: JavaScript actions and name trees, launch actions, and the two
+#: containers that carry scripts of their own (XFA forms, rich media)
+_ACTIVE_NAMES = frozenset({"/JS", "/JavaScript", "/Launch", "/XFA", "/RichMedia", "/RichMediaExecute"})
+_RAW_ACTIVE_NAMES = _ACTIVE_NAMES - {"/JS", "/XFA"}
 #: a PDF name token in the raw bytes; ``#xx`` escapes are decoded before comparing
 _NAME_TOKEN = re.compile(rb"/[^\s/\[\]()<>{}%]+")
 _MAX_PDF_OBJECTS = 100_000
 #: an attachment is at most a few MB: more pixels than this is a decompression bomb
 MAX_IMAGE_PIXELS = 40_000_000
+_PNG_END = b"IEND\xaeB`\x82"
 #: what Pillow calls each accepted image type
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 
@@ -42,7 +44,7 @@ def check_pdf(name: str, content: bytes) -> None:
     if any(marker in head for marker in _HTML_MARKERS) or b"<script" in content.lower():
         raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} starts like a PDF but holds HTML.")
     # Even objects no cross-reference reaches: a lenient viewer may rebuild the table and find them.
-    # Not /JS: three bytes that random image data holds by chance; the object walk below finds it.
+    # Not /JS nor /XFA: a few bytes that random image data holds by chance; the object walk below finds them.
     for token in _NAME_TOKEN.findall(content):
         if _decode_name(token) in _RAW_ACTIVE_NAMES:
             raise Rejection(Reason.ATTACHMENT_ACTIVE_CONTENT, f"{name!r} carries {_decode_name(token)}.")
@@ -117,6 +119,9 @@ def check_image(name: str, content: bytes, expected: str) -> None:
             # verify() checks the structure only; decoding every pixel finds a truncated or corrupt body.
             with Image.open(io.BytesIO(content)) as image:
                 image.load()
+        if expected == "PNG" and not content.endswith(_PNG_END):
+            # Bytes after the last chunk are no image: a second file (HTML, a zip) riding along.
+            raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} has data after the end of its PNG image.")
     except Rejection:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError... for broken files
