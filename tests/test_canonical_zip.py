@@ -30,7 +30,7 @@ CANONICAL_KINDS = [
     "overlapping-members", "hidden-gap", "central-offset-lie", "local-name-mismatch", "local-crc-mismatch",
     "deflate-slack", "unicode-path-extra", "unicode-comment-extra", "case-collision", "unicode-collision",
     "control-char-name", "backslash-name", "undeclared-name-encoding", "summary-name-member", "file-and-folder",
-    "file-marked-folder", "member-in-pj-folder",
+    "file-marked-folder", "member-in-pj-folder", "stored-data-descriptor", "descriptor-mismatch",
     "pj-nested-zip", "pj-disguised-zip", "pj-file-and-folder", "pj-dot-member", "pj-trailing-data",
     "pj-unicode-path-extra",
 ]
@@ -100,6 +100,16 @@ def test_the_real_package_is_canonical_and_both_readers_agree(tmp_path):
         assert _sha(streaming_read(data, member.name)) == member.sha256
     [(zip_name, inner)] = package.nested.items()
     assert streaming_list(streaming_read(data, zip_name)) == [m.name for m in inner]
+
+
+def test_a_streamed_zip_with_data_descriptors_is_accepted(tmp_path):
+    # Sizes after the data, as streaming writers (the platform's Java, zipfile on a pipe) make them.
+    from relayd.testkit.broken import build_streamed
+
+    path = tmp_path / "streamed.zip"
+    path.write_bytes(build_streamed(_spec(4, scans=2)))
+    package = inspect_package(path, PackageLimits())
+    assert streaming_list(path.read_bytes()) == [m.name for m in package.members]
 
 
 @pytest.mark.parametrize("kind", ["prepended-package", "hidden-gap", "unicode-path-extra", "comment-end-record"])

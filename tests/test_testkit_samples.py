@@ -503,7 +503,8 @@ _U = Reason.MEMBER_UNEXPECTED
 ZIPFILE_SEES: dict[str, set[Reason]] = {
     "backslash-name": {_U}, "case-collision": {_U}, "control-char-name": {_U}, "file-and-folder": {_U},
     "overlapping-members": {_U}, "undeclared-name-encoding": {_U}, "unicode-collision": {_U},
-    "member-in-pj-folder": {_U}, "file-marked-folder": set(),
+    "member-in-pj-folder": {_U}, "file-marked-folder": set(), "stored-data-descriptor": set(),
+    "descriptor-mismatch": set(),
     "central-offset-lie": {Reason.ZIP_CRC_MISMATCH}, "local-name-mismatch": {Reason.ZIP_CRC_MISMATCH},
     "comment-end-record": {Reason.ENVELOPE_MISSING},
     **{kind: set() for kind in (

@@ -38,7 +38,7 @@ from relayd.testkit.samples import (
     zip_entry,
 )
 
-__all__ = ["BROKEN_KINDS", "BrokenKind", "build_broken", "build_oversized"]
+__all__ = ["BROKEN_KINDS", "BrokenKind", "build_broken", "build_oversized", "build_streamed"]
 
 #: Size of the run of zeros in the bomb kinds; deflate tops out near 1032:1, so ~20 KiB on disk.
 BOMB_BYTES = 20 * 1024 * 1024
@@ -214,6 +214,31 @@ def _with_extra(spec: SampleSpec, ident: int, payload: bytes) -> bytes:
         else:
             pairs.append((name, data))
     return write_zip(pairs, date_time=spec.zip_date_time)
+
+
+class _Unseekable(io.RawIOBase):
+    """A sink zipfile cannot seek back in: it writes each member's CRC and sizes after its data."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.data += b
+        return len(b)
+
+
+def build_streamed(spec: SampleSpec, *, stored: set[str] = frozenset()) -> bytes:
+    """The valid package as a streaming writer makes it (data descriptors), like the platform's Java."""
+    sink = _Unseekable()
+    with zipfile.ZipFile(sink, "w") as zf:
+        for name, data in build_members(spec).items():
+            info = zip_entry(name, spec.zip_date_time, stored=name in stored)
+            with zf.open(info, "w") as out:
+                out.write(data)
+    return bytes(sink.data)
 
 
 def _unicode_path_field(real_name: str, shown: str) -> bytes:
@@ -597,6 +622,24 @@ def _file_and_folder(spec: SampleSpec) -> bytes:
     return _package(members, spec)
 
 
+def _stored_data_descriptor(spec: SampleSpec) -> bytes:
+    # Stored, with its size only after its data: a streaming reader must guess where the data ends.
+    return build_streamed(spec, stored={_victim(spec)})
+
+
+def _descriptor_mismatch(spec: SampleSpec) -> bytes:
+    # The data descriptor after the recap PDF gives another CRC than the central directory.
+    data = bytearray(build_streamed(spec))
+    local, central = _zip_layout(bytes(data))[_victim(spec)]
+    (csize,) = struct.unpack_from("<I", data, central + 20)
+    descriptor = _data_start(data, local) + csize
+    if data[descriptor : descriptor + 4] != b"PK\x07\x08":
+        raise ValueError("a signed data descriptor was expected")
+    (crc,) = struct.unpack_from("<I", data, descriptor + 4)
+    struct.pack_into("<I", data, descriptor + 4, crc ^ 0xFFFF)
+    return bytes(data)
+
+
 def _file_marked_folder(spec: SampleSpec) -> bytes:
     # Named as a file, but its Unix mode says folder: libarchive skips its data, zipfile extracts it.
     members = build_members(spec)
@@ -846,6 +889,10 @@ BROKEN_KINDS: dict[str, BrokenKind] = _kinds(
                _summary_name_member),
     BrokenKind("file-and-folder", Reason.EXTRACT_COLLISION,
                "Members 'notes' and 'notes/a.txt': a file and a folder of one name.", _file_and_folder),
+    BrokenKind("stored-data-descriptor", Reason.ZIP_UNSUPPORTED,
+               "The recap PDF is stored with its CRC and sizes only after its data.", _stored_data_descriptor),
+    BrokenKind("descriptor-mismatch", Reason.ZIP_HEADER_MISMATCH,
+               "The recap PDF's data descriptor gives another CRC than its central entry.", _descriptor_mismatch),
     BrokenKind("file-marked-folder", Reason.ZIP_ENTRY_TYPE,
                "The recap PDF's Unix mode says folder while its name says file.", _file_marked_folder),
     BrokenKind("member-in-pj-folder", Reason.EXTRACT_COLLISION,
