@@ -22,7 +22,7 @@ import struct
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from relayd.rejections import Reason
@@ -230,7 +230,7 @@ class _Unseekable(io.RawIOBase):
         return len(b)
 
 
-def build_streamed(spec: SampleSpec, *, stored: set[str] = frozenset()) -> bytes:
+def build_streamed(spec: SampleSpec, *, stored: Collection[str] = ()) -> bytes:
     """The valid package as a streaming writer makes it (data descriptors), like the platform's Java."""
     sink = _Unseekable()
     with zipfile.ZipFile(sink, "w") as zf:
