@@ -77,6 +77,9 @@ class Account(_Strict):
     authorized_keys_file: Path | None = None
     communes: list[str] = Field(min_length=1, description="INSEE codes this account may deliver for")
     drop_dir: Path | None = Field(default=None, description="default: <storage.root>/drop/<username>")
+    directory: str | None = Field(
+        default=None, description="the directory the platform was given (e.g. /depot): an alias of the drop folder"
+    )
     allowed_ips: list[IPv4Network | IPv6Network] = Field(
         default_factory=list, description="addresses or networks this account may log in from; empty: any"
     )
@@ -97,6 +100,16 @@ class Account(_Strict):
             except (ValueError, asyncssh.KeyImportError):
                 raise ValueError(f"entry {i} is not an OpenSSH public key line") from None
         return value
+
+    @field_validator("directory")
+    @classmethod
+    def _absolute_directory(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = [p for p in value.split("/") if p]
+        if not value.startswith("/") or not parts or any(p in (".", "..") or "\x00" in p for p in parts):
+            raise ValueError("must be an absolute SFTP path below / such as /depot, without '.' or '..'")
+        return "/" + "/".join(parts)
 
     @model_validator(mode="after")
     def _needs_a_credential(self) -> Account:
@@ -368,13 +381,30 @@ class Logging(_Strict):
 
 class Server(_Strict):
     listen: Listen = Listen()
+
+    @field_validator("temporary_prefixes", "temporary_suffixes", "package_suffixes")
+    @classmethod
+    def _plain_affixes(cls, value: list[str]) -> list[str]:
+        for affix in value:
+            if not affix or "/" in affix or "\x00" in affix:
+                raise ValueError(f"{affix!r}: must be a non-empty name fragment without '/'")
+        return value
+
     host_keys: list[Path] = Field(
         default_factory=lambda: [Path("host_keys/ssh_host_ed25519_key")],
         description="default: <storage.root>/host_keys/ssh_host_ed25519_key, where the service may write it",
     )
-    # Which upload names are temporary: a rename from one of these to a package name commits.
-    temporary_suffixes: list[str] = Field(default_factory=lambda: [".tmp", ".part", ".filepart", ".partial"])
-    package_suffixes: list[str] = Field(default_factory=lambda: [".zip"])
+    # Which upload names are temporary: a rename from one of these to a package name commits. Matched
+    # without regard to case, and before the package suffixes: `.in.X.zip.` or `inprogress.X.zip` is temporary.
+    temporary_prefixes: list[str] = Field(
+        default_factory=lambda: [".", "inprogress."],
+        description="a name starting with one of these is temporary (`.` covers lftp's `.in.X.zip.`)",
+    )
+    temporary_suffixes: list[str] = Field(
+        default_factory=lambda: [".tmp", ".part", ".filepart", ".partial", ".writing", ".inprogress", ".upload"],
+        description="a name ending with one of these is temporary",
+    )
+    package_suffixes: list[str] = Field(default_factory=lambda: [".zip"], description="matched without regard to case")
     stop_grace_seconds: float = Field(
         default=30.0, ge=0, description="on SIGTERM, uploads in flight have this long to finish before they are cut"
     )

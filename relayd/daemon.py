@@ -29,6 +29,7 @@ from relayd.events import Events
 from relayd.fsutil import ensure_dir, resolve_gid, share_dir
 from relayd.inbound.intake import Intake
 from relayd.inbound.server import InboundServer, ServerState, load_host_keys, resolve_auth
+from relayd.inbound.uploads import UploadArea
 from relayd.ledger import Ledger
 from relayd.mail import Mailer
 from relayd.metrics import Metrics
@@ -75,6 +76,7 @@ def prepare_storage(config: Config) -> None:
     prepare_folders(config)
     for account in config.accounts:
         # No session is open before the server starts, so whatever sits here was never committed.
+        UploadArea(config.drop_dir(account)).discard_leftovers(account.username)
         for leftover in config.drop_dir(account).iterdir():
             if leftover.is_file() or leftover.is_symlink():
                 log.warning("startup.partial_removed", account=account.username, upload=leftover.name,

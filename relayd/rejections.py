@@ -58,6 +58,7 @@ class Reason(StrEnum):
     INSEE_NOT_ALLOWED = "insee_not_allowed"
     DOSSIER_CONFLICT = "dossier_conflict"
     UPLOAD_INCOMPLETE = "upload_incomplete"
+    UPLOAD_HOLE = "upload_hole"
     INTERNAL_ERROR = "internal_error"
     # Return drops from the business software (status files and PEC return packages).
     STATUS_INVALID = "status_invalid"
@@ -123,6 +124,7 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.INSEE_NOT_ALLOWED: "This account may not deliver for the commune with this INSEE code.",
     Reason.DOSSIER_CONFLICT: "This dossier or message was already received with different content.",
     Reason.UPLOAD_INCOMPLETE: "The upload was cut off before it was committed.",
+    Reason.UPLOAD_HOLE: "A write left a gap in the file (beyond its end, or bytes never sent): uploads are written in order.",
     Reason.INTERNAL_ERROR: "relayd failed to process the package; it is kept for an operator.",
     Reason.STATUS_INVALID: "The status file does not follow relayd's status format (schemas/relayd-statut.xsd).",
     Reason.RETURN_PACKAGE_INVALID: "The return package is not a PEC package with a Retour body for one dossier.",
