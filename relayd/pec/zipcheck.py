@@ -51,11 +51,17 @@ def open_zip(source: str | Path | IO[bytes], *, label: str = "the package") -> z
         if isinstance(source, (str, Path)):
             with open(source, "rb") as fh:
                 layout = check_layout(fh, label=label)
+                checked = os.fstat(fh.fileno())
+                zf = zipfile.ZipFile(source)
+            read = os.fstat(zf.fp.fileno()) if zf.fp is not None else None
+            if read is None or (read.st_dev, read.st_ino, read.st_size) != (checked.st_dev, checked.st_ino, checked.st_size):
+                zf.close()
+                raise Rejection(Reason.ZIP_INVALID, f"{label} changed while it was read.")
         else:
             source.seek(0)
             layout = check_layout(source, label=label)
             source.seek(0)
-        zf = zipfile.ZipFile(source)
+            zf = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
         raise Rejection(Reason.ZIP_INVALID, f"{label} is not a readable zip ({exc}).") from None
     _same_as_zipfile(zf, layout, label)
