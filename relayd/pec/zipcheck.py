@@ -116,7 +116,7 @@ def check_layout(fh: IO[bytes], *, label: str = "the package") -> list[Entry]:
     tail = fh.read()
     end_at = _find_end_record(tail, size - tail_start, label)
     end = tail[end_at : end_at + _END_SIZE]
-    disk, cd_disk, disk_count, count, cd_size, cd_offset, comment_len = struct.unpack("<4xHHHHIIH", end)
+    disk, cd_disk, disk_count, count, cd_size, cd_offset, _comment_len = struct.unpack("<4xHHHHIIH", end)
     comment = tail[end_at + _END_SIZE :]
     end_offset = tail_start + end_at
     if 0xFFFF in (disk, cd_disk, disk_count, count) or 0xFFFFFFFF in (cd_size, cd_offset) or (
@@ -398,6 +398,10 @@ def check_member_name(name: str, *, label: str = "the package") -> None:
         raise Rejection(Reason.ZIP_PATH_TRAVERSAL, f"{label}: member {name!r} climbs out with '..'.")
     if "\\" in name:
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} holds a backslash.")
+    compatible = unicodedata.normalize("NFKC", name)
+    if compatible.count("/") != name.count("/") or "\\" in compatible or ".." in compatible.split("/"):
+        # Full-width solidus, reverse solidus or dots: a path once a reader normalises the name.
+        raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} becomes a path once normalised.")
     if any(part in ("", ".") for part in parts):
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} has an empty or '.' part.")
     # The inbox may be read over SMB by Windows software, which cannot hold these names as they are.
