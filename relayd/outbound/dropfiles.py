@@ -40,11 +40,15 @@ def read_regular(path: Path, *, limit: int, too_large: Callable[[int], Rejection
     Raises :class:`FileNotFoundError` when the name is gone, and ``too_large(size)`` when
     the file is larger than ``limit``.
     """
+    # Not even opened unless the name is a plain file: opening a device or a pipe can have effects of its own.
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        kind = "a symbolic link" if path.is_symlink() else "not a regular file"
+        raise Rejection(Reason.DROP_NOT_REGULAR, f"{what} {path.name!r} is {kind}.")
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise Rejection(Reason.DROP_NOT_REGULAR, f"{what} {path.name!r} is a symbolic link, not a file.") from None
+            raise Rejection(Reason.DROP_NOT_REGULAR, f"{what} {path.name!r} is a symbolic link.") from None
         raise
     try:
         st = os.fstat(fd)
