@@ -182,6 +182,13 @@ class ReturnDrops:
             # The outbox keys replies by MessageId: a forwarded package may not reuse one.
             rejection = Rejection(Reason.RETURN_PACKAGE_INVALID, "its MessageId was already used by another return.")
             return self._reject(drop, commune, rejection, bound)
+        except FileNotFoundError:
+            if not os.path.lexists(path):
+                bound.info("returns.vanished")  # taken back while it was being read
+                return DropOutcome("vanished")
+            bound.exception("returns.internal_error", error="FileNotFoundError")
+            rejection = Rejection(Reason.INTERNAL_ERROR, "relayd failed on this drop (FileNotFoundError).")
+            return self._reject(drop, commune, rejection, bound)
         except Exception as exc:  # noqa: BLE001 - a drop must never stop the watcher
             bound.exception("returns.internal_error", error=type(exc).__name__)
             rejection = Rejection(Reason.INTERNAL_ERROR, f"relayd failed on this drop ({type(exc).__name__}).")
