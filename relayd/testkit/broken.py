@@ -5,6 +5,12 @@ and changes one thing, so that it is wrong in exactly one way where the defect a
 truncated zip is also missing its envelope, of course). Integration testers push these at a relay
 and check the quarantine reason file and the negative ack.
 
+Many kinds are about the zip itself rather than its content: a package that one reader (the
+central directory: ``unzip``, Python) sees differently from another (the local headers, as
+``bsdtar`` through a pipe or Java's ``ZipInputStream`` stream them). They are built by
+cutting a valid zip into its records (:class:`_Zip`) and reassembling it with one lie. Kinds
+about the nested attachments zip answer ``pj_zip_unsafe``, with the inner code as ``cause``.
+
 Two kinds depend on the relay's limits:
 
 - ``oversized`` builds a ~3 MiB package: the relay under test must be configured with a maximum
