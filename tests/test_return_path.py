@@ -489,8 +489,9 @@ def test_a_linked_attachment_is_refused(linked, tmp_path):
     drop(relay, spec.numero, "recu", raw=write_status_file(StatusFile(
         numero=spec.numero, state="recu", attachments=[StatusAttachment(file="attestation.pdf")])))
     wait_for(lambda: relay.rejected(), what="the refusal")
-    assert relay.rejected()[0]["code"] == "attachment_type"
+    assert relay.rejected()[0]["code"] == "drop_not_regular"
     assert len(platform.files()) == 1
+    assert secret.read_bytes() == pdf_bytes(["private"])
 
 
 def test_a_dossier_from_before_routing_was_recorded_still_gets_its_return(linked, tmp_path):
