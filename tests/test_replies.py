@@ -221,11 +221,11 @@ def test_anl_carries_the_code_and_the_sentence(routing: Routing) -> None:
 
 def test_anl_for_a_bad_number_leaves_the_number_out(routing: Routing) -> None:
     rejection = Rejection(Reason.DOSSIER_NUMBER_INVALID, "dossier number 'B-12-xyz' is not of the form A-<digit>-<8 or 9 letters...>.")
-    anl = build_ack(routing, kind="ANL", numero="B-12-xyz", demarche="RCO", rejection=rejection, now=NOW)
+    anl = build_ack(routing, kind="ANL", numero="B-12-xyz", demarche="recensementCitoyen", rejection=rejection, now=NOW)
     ack = read_reply(anl.data).ack
-    assert ack is not None and ack.numero is None and ack.demarche == "RCO"
+    assert ack is not None and ack.numero is None and ack.demarche == "recensementCitoyen"
     assert ack.code == "dossier_number_invalid" and "B-12-xyz" in (ack.motif or "")
-    assert anl.name.startswith("relayd.2026-11-26T14_03_05.sans-numero-RCO.ANL.")
+    assert anl.name.startswith("relayd.2026-11-26T14_03_05.sans-numero-recensementCitoyen.ANL.")
     assert not anl.message_id.startswith("B-12")
 
 
@@ -546,7 +546,7 @@ def test_full_status_file() -> None:
         "<Commentaire>Votre attestation est jointe.\nCordialement.</Commentaire>",
         "<PieceJointe><Fichier>attestation recensement.pdf</Fichier><Intitule>Attestation</Intitule></PieceJointe>",
         "<PieceJointe><Fichier>courrier.pdf</Fichier></PieceJointe>",
-        "<NumeroDemarche>RCO</NumeroDemarche>",
+        "<NumeroDemarche>recensementCitoyen</NumeroDemarche>",
         "<CodeINSEE>2A004</CodeINSEE>",
     )
     status = read_status_file(data, max_bytes=MAX)
@@ -556,7 +556,7 @@ def test_full_status_file() -> None:
         StatusAttachment(file="attestation recensement.pdf", title="Attestation"),
         StatusAttachment(file="courrier.pdf", title=None),
     ]
-    assert (status.demarche, status.insee) == ("RCO", "2A004")
+    assert (status.demarche, status.insee) == ("recensementCitoyen", "2A004")
 
 
 @pytest.mark.parametrize(

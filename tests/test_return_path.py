@@ -140,7 +140,7 @@ def assert_valid_against_schemas(reply_bytes: bytes) -> None:
     load_schema(schema).assertValid(etree.fromstring(etree.tostring(body)))
 
 
-def specs(count: int, seed: int, *, insee: str = "90017", demarche: str = "RCO") -> list[SampleSpec]:
+def specs(count: int, seed: int, *, insee: str = "90017", demarche: str = "recensementCitoyen") -> list[SampleSpec]:
     rng = random.Random(seed)
     return [SampleSpec(numero=random_numero(rng), demarche=demarche, insee=insee) for _ in range(count)]
 
@@ -555,12 +555,12 @@ def test_returns_for_unknown_dossiers_when_the_commune_allows_them(make_relay, p
     wait_for(lambda: relay.rejected(), what="the refusal")
     assert relay.rejected()[0]["code"] == "status_invalid" and "NumeroDemarche" in relay.rejected()[0]["message"]
     drop(relay, "A-1-UNKNOWN1", "recu", name="with-demarche.xml", raw=write_status_file(
-        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="RCO")))
+        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="recensementCitoyen")))
     (retour,) = wait_received(platform, 1)
-    assert retour.kind == "Retour" and retour.retour.numero == "A-1-UNKNOWN1" and retour.retour.demarche == "RCO"
+    assert retour.kind == "Retour" and retour.retour.numero == "A-1-UNKNOWN1" and retour.retour.demarche == "recensementCitoyen"
     assert_valid_against_schemas((platform.incoming / published(platform)[0]).read_bytes())
     # From then on the relay follows its states like any other dossier's.
     drop(relay, "A-1-UNKNOWN1", "recu", name="again.xml", raw=write_status_file(
-        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="RCO", comment="encore")))
+        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="recensementCitoyen", comment="encore")))
     wait_for(lambda: len(relay.rejected()) == 2, what="the second refusal")
     assert relay.rejected()[1]["code"] == "transition_invalid"

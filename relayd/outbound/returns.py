@@ -323,7 +323,7 @@ class ReturnDrops:
             attachments = [Attachment(name=name, data=data, media_type=check_attachment(name, data, self.config.returns),
                                       title=title) for name, title, data in drop.attachments]
             reply = build_retour(routing, numero=drop.numero, demarche=dossier["demarche"], state=drop.state,
-                                 comment=drop.comment, attachments=attachments)
+                                 comment=drop.comment, attachments=attachments, style=self.config.reply_style)
         return self.queue_retour(reply, dossier["numero"], drop.state, ref_message_id=dossier["message_id"] or None,
                                  source_sha256=drop.sha256, source=drop.path.name)
 
@@ -369,7 +369,7 @@ class ReturnDrops:
         if dossier is None or dossier["state"] != "transmis" or dossier["requested_state"] is not None:
             return None
         reply = build_retour(self.routing_of(dossier), numero=numero, demarche=dossier["demarche"],
-                             state="recu", comment=None, attachments=[])
+                             state="recu", comment=None, attachments=[], style=self.config.reply_style)
         try:
             return self.queue_retour(reply, numero, "recu", ref_message_id=dossier["message_id"],
                                      source_sha256=None, source="auto_receipt")

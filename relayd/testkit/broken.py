@@ -307,7 +307,8 @@ def _envelope_incomplete(spec: SampleSpec) -> bytes:
     def drop_routage(xml: str) -> str:
         start = xml.index("<Routage>")
         end = xml.index("</Routage>") + len("</Routage>")
-        return xml[:start] + xml[end:]
+        # Without CodeINSEE relayd routes by the recipient's SIRET: drop that too, so nothing routes.
+        return (xml[:start] + xml[end:]).replace(f"<ns2:Siret>{spec.recipient_siret}</ns2:Siret>", "")
 
     return _with_envelope(spec, drop_routage)
 
@@ -433,7 +434,7 @@ BROKEN_KINDS: dict[str, BrokenKind] = _kinds(
     BrokenKind(
         "envelope-incomplete",
         Reason.ENVELOPE_INVALID,
-        "message.xml's Aller has no Routage, so no INSEE code.",
+        "message.xml's Aller has no Routage (no INSEE code) and its Recipient no Siret: nothing to route by.",
         _envelope_incomplete,
     ),
     BrokenKind(
