@@ -190,10 +190,21 @@ def _issues(data: bytes, *, max_package: int | None = MAX_PACKAGE) -> set[Reason
     demarche = aller.findtext(f"{m}NumeroDemarche") if aller is not None else None
     numero = aller.findtext(f"{m}Teledemarche/{m}NumeroTeledemarche") if aller is not None else None
     insee = None
+    codes = 0
     if aller is not None:
         for donnee in aller.iterfind(f"{m}Routage/{m}Donnee"):
             if donnee.findtext(f"{m}Id") == "CodeINSEE":
                 insee = donnee.findtext(f"{m}Valeur")
+                codes += 1
+    p = f"{{{PEC_NS}}}"
+    if codes > 1 or len(root.findall(f"{p}Header/{p}Routing/{p}MessageId")) > 1:
+        issues.add(Reason.ENVELOPE_DUPLICATE_ELEMENT)
+    if any(b"http://www.w3.org/2001/XInclude" in body for name, body in contents.items() if name.endswith(".xml")):
+        issues.add(Reason.XML_XINCLUDE)
+    services = [s.text or "" for s in root.iterfind(f".//{p}AckTo//{p}Service")]
+    subjects = [s.text or "" for s in root.iterfind(f".//{p}Subject")]
+    if any("/" in v or ".." in v for v in services) or any("\n" in v or "\r" in v for v in subjects):
+        issues.add(Reason.ENVELOPE_UNSAFE_VALUE)
     if not all((message_id, demarche, numero, insee)):
         return issues | {Reason.ENVELOPE_INVALID}
     assert numero is not None and demarche is not None and insee is not None

@@ -471,3 +471,24 @@ def build_broken(kind: str, spec: SampleSpec) -> bytes:
     except KeyError:
         raise KeyError(f"unknown broken kind {kind!r}; known: {', '.join(sorted(BROKEN_KINDS))}") from None
     return broken.build(spec)
+
+
+# --------------------------------------------------------------------------- envelope meaning
+# Kinds of relayd/testkit/broken_envelope.py (real-world fidelity): one thing said twice, an unsafe
+# value, XInclude. Kept apart so that the zip-level kinds above and these evolve separately.
+
+from relayd.testkit import broken_envelope as _env  # noqa: E402 - registered after the kinds above
+
+for _kind in (
+    BrokenKind("duplicate-codeinsee", Reason.ENVELOPE_DUPLICATE_ELEMENT,
+               "Routage holds two Donnee CodeINSEE, for two communes.", _env.duplicate_codeinsee),
+    BrokenKind("duplicate-message-id", Reason.ENVELOPE_DUPLICATE_ELEMENT,
+               "Routing holds two MessageId.", _env.duplicate_message_id),
+    BrokenKind("xinclude", Reason.XML_XINCLUDE,
+               "The -ent- business header pulls /etc/passwd in through xi:include.", _env.xinclude_ent),
+    BrokenKind("path-ackto", Reason.ENVELOPE_UNSAFE_VALUE,
+               "AckTo's Service is the path ../../../etc/cron.d/x.", _env.path_ack_to),
+    BrokenKind("subject-injection", Reason.ENVELOPE_UNSAFE_VALUE,
+               "The notification Subject carries a line break and a Bcc: header.", _env.subject_header_injection),
+):
+    BROKEN_KINDS[_kind.name] = _kind

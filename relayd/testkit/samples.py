@@ -618,15 +618,16 @@ class _Plain:
 
 
 def _plain_attachments(spec: SampleSpec, seed: int) -> list[_Plain]:
-    """The attachments as plain listed files (``layout="plain"``), codes as in DILA's data."""
+    """The attachments as plain listed PDF files (``layout="plain"``), codes as in DILA's data."""
     if spec.layout != "plain":
         return []
+    rng = _rng(spec, seed, "plain")
     codes = _PLAIN_CODES.get(spec.demarche, ("pj",))
     out = []
-    for index, (name, data) in enumerate(scan_files(spec, seed=seed).items()):
+    for index in range(spec.scans):
         code = codes[index % len(codes)]
-        ext = name.rsplit(".", 1)[-1]
-        out.append(_Plain(code, name.rsplit(".", 1)[0], plain_member_name(spec, code, index, ext), data))
+        data = pdf_bytes([f"Piece {code} {index}", f"Dossier {spec.numero}", f"ref {rng.randrange(10**6):06d}"])
+        out.append(_Plain(code, f"{code}-{index}", plain_member_name(spec, code, index, "pdf"), data))
     return out
 
 
