@@ -315,12 +315,12 @@ _MULTILINE = {("Body", "EmailConfiguration"), ("Content", "Body")}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
 MAX_VALUE_CHARS = 1000
 #: Known elements of the envelope's namespace; any other is tolerated and noted in the log.
-_KNOWN_PEC = {
+KNOWN_PEC_ELEMENTS = frozenset({
     "Message", "Header", "Routing", "MessageId", "FlowType", "Sender", "Recipients", "Recipient", "Country",
     "Location", "Siret", "Service", "Guichet", "Attention", "AckRequired", "AckType", "AckTo", "ConversationId",
     "WriteMode", "Security", "Horodatage", "DateTime", "Rejeu", "NbRejeu", "Delais", "Extras",
     "EmailConfiguration", "From", "Subject", "Body", "Content", "Aller",
-}
+})
 
 
 def check_envelope_tree(root: etree._Element) -> None:
@@ -365,7 +365,7 @@ def check_envelope_tree(root: etree._Element) -> None:
         if not isinstance(el.tag, str):
             continue
         q = etree.QName(el)
-        if q.namespace == NS_PEC and q.localname not in _KNOWN_PEC:
+        if q.namespace == NS_PEC and q.localname not in KNOWN_PEC_ELEMENTS:
             unknown.add(q.localname[:64])
         if len(el) or el.text is None:
             continue

@@ -72,7 +72,7 @@ from pydantic import ConfigDict, ValidationError, field_serializer, field_valida
 from pydantic_xml import BaseXmlModel, attr, element
 
 from relayd.ledger import STATE_LABELS
-from relayd.pec.envelope import NS_PEC, NUMERO_PATTERN, Party, Recipients, Routing
+from relayd.pec.envelope import KNOWN_PEC_ELEMENTS, NS_PEC, NUMERO_PATTERN, Party, Recipients, Routing
 from relayd.pec.package import ENVELOPE_NAME
 from relayd.pec.status import describe_element, explain_schema_errors, explain_validation_error
 from relayd.pec.xml import XML_UNSAFE_CHARS, free_text, load_schema, parse_xml
@@ -418,6 +418,11 @@ def reply_routing_element(original: Routing, *, message_id: str) -> etree._Eleme
         required = etree.Element(_pec("AckRequired"))
         source.insert(source.index(recipients) + 1, required)
     required.text = "false"
+    # An element of the envelope's namespace that relayd does not know was tolerated on the way
+    # in; the schema that every reply passes cannot admit it (XSD 1.0 determinism), so it stays out.
+    for el in list(source.iter()):
+        if isinstance(el.tag, str) and etree.QName(el).namespace == NS_PEC and etree.QName(el).localname not in KNOWN_PEC_ELEMENTS:
+            el.getparent().remove(el)  # type: ignore[union-attr]
     return source
 
 
@@ -636,15 +641,26 @@ def _party(parent: etree._Element, tag: str, party: Party) -> None:
 
 def _message_xml(routing: etree._Element, body: AckBody | RetourBody, moment: datetime) -> bytes:
     """The PEC envelope around ``routing`` and ``body``, checked against the schemas before it leaves."""
-    root = etree.Element(_pec("Message"), nsmap={"ns2": NS_PEC})
+    # The reply speaks with the prefix of the envelope it answers (ns2 in DAUA, pec in DIA), so
+    # that the copied xsi:type="<prefix>:Location_FR" values still resolve.
+    prefix = routing.prefix if routing.prefix and etree.QName(routing).namespace == NS_PEC else "ns2"
+    root = etree.Element(_pec("Message"), nsmap={prefix: NS_PEC})
     header = etree.SubElement(root, _pec("Header"))
     routing.tail = None
+    for el in routing.iter():
+        # An xsi:type names a type by prefix: make it name it by the reply's prefix.
+        kind = el.get(f"{{{XSI_NS}}}type") if isinstance(el.tag, str) else None
+        if kind and ":" in kind and el.nsmap.get(kind.split(":", 1)[0]) == NS_PEC:
+            el.set(f"{{{XSI_NS}}}type", f"{prefix}:{kind.split(':', 1)[1]}")
+        elif kind and ":" not in kind and el.nsmap.get(None) == NS_PEC:
+            el.set(f"{{{XSI_NS}}}type", f"{prefix}:{kind}")
     header.append(routing)
     security = etree.SubElement(header, _pec("Security"))
     _text(security, "DateTime", moment.isoformat(timespec="milliseconds"))
     content = etree.SubElement(etree.SubElement(root, _pec("Body")), _pec("Content"))
     content.append(body.to_xml_tree(skip_empty=True))
-    etree.cleanup_namespaces(root)  # the copied Routing may declare the business namespace it no longer uses
+    # The copied Routing may declare the business namespace it no longer uses; keep what xsi:type names.
+    etree.cleanup_namespaces(root, keep_ns_prefixes=[prefix, "xsi"])
     data = _XML_DECLARATION + etree.tostring(root, encoding="UTF-8", xml_declaration=False, pretty_print=True)
     problems = explain_schema_errors(load_schema(ENVELOPE_XSD), etree.fromstring(data), hints=REPLY_HINTS)
     if problems:
