@@ -308,8 +308,7 @@ _ONCE = {
 #: Where several are normal: each Recipient, AckType, Donnee, PieceJointe and Document.
 #: Values that name files, queues or services: a plain token, never a path.
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}")
-_TOKENS = {"FlowType", "NumeroDemarche", "AckType", "WriteMode", "Country", "Siret", "Service", "Guichet",
-           "NumeroTeledemarche", "Id"}
+_TOKENS = {"FlowType", "NumeroDemarche", "AckType", "WriteMode", "Siret", "Service", "NumeroTeledemarche", "Id"}
 #: Free text allowed to span lines: the notification mail's body and the opaque Content of other flows.
 _MULTILINE = {("Body", "EmailConfiguration"), ("Content", "Body")}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
