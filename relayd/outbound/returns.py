@@ -316,7 +316,8 @@ class ReturnDrops:
         routing = self.routing_of(dossier)
         if drop.forwarded is not None:
             reply = ReplyPackage(
-                message_id=_forwarded_message_id(drop.forwarded), kind="Retour", data=drop.forwarded,
+                message_id=_forwarded_message_id(drop.forwarded, dossier["message_id"], drop.sha256), kind="Retour",
+                data=drop.forwarded,
                 name=_forwarded_name(drop, dossier["demarche"]),
             )
         else:
@@ -451,8 +452,14 @@ def _routing_for_unknown(numero: str, demarche: str, commune: Commune) -> Routin
     )
 
 
-def _forwarded_message_id(data: bytes) -> str:
-    return read_reply(data).message_id
+def _forwarded_message_id(data: bytes, answered: str | None, sha256: str) -> str:
+    """The outbox's key for a forwarded package: its MessageId, unless it is the answered Aller's.
+
+    A package built as the real replier builds it (``platform.reply_style: mirror``) keeps the
+    Aller's MessageId, as every reply to that dossier does: its key is made unique by its content.
+    """
+    message_id = read_reply(data).message_id
+    return f"{message_id} Retour {sha256[:12]}" if answered and message_id == answered else message_id
 
 
 def _forwarded_name(drop: _Drop, demarche: str) -> str:
