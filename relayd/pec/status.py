@@ -16,7 +16,7 @@ Outline (order matters, every element is in the ``urn:relayd:statut:1`` namespac
         <Fichier>attestation.pdf</Fichier>                 a plain file name
         <Intitule>Attestation de recensement</Intitule>    0..1
       </PieceJointe>
-      <NumeroDemarche>RCO</NumeroDemarche>                 0..1, for returns on unknown dossiers
+      <NumeroDemarche>recensementCitoyen</NumeroDemarche>  0..1, for returns on unknown dossiers
       <CodeINSEE>75056</CodeINSEE>                         0..1, for returns on unknown dossiers
     </Statut>
 """
