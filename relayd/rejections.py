@@ -91,7 +91,9 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.XML_TOO_LARGE: "An XML file is larger than this relay parses.",
     Reason.ENVELOPE_WRONG_ROOT: "message.xml is not a PEC Message envelope.",
     Reason.ENVELOPE_INVALID: "message.xml lacks a field the relay needs.",
-    Reason.DOSSIER_NUMBER_INVALID: "The dossier number is not of the form A-<digit>-<6 to 12 letters or digits> (or the configured pattern).",
+    Reason.DOSSIER_NUMBER_INVALID: (
+        "The dossier number is not of the form A-<digit>-<6 to 12 letters or digits> (or the configured pattern)."
+    ),
     Reason.MEMBER_MISSING: "A file that the envelope lists is not in the package.",
     Reason.MEMBER_UNEXPECTED: "The package holds a file that the envelope does not list.",
     Reason.DEMARCHE_NOT_ACCEPTED: "The commune does not accept this démarche.",

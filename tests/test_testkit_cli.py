@@ -19,7 +19,9 @@ from relayd.testkit.broken import BROKEN_KINDS
 from relayd.testkit.push import PushResult, push_files
 from test_broken_packages import SMALL_LIMITS
 
-FILENAME_RE = re.compile(r"^RitaGS\.\d{4}-\d\d-\d\dT\d\d_\d\d_\d\d\.\d{9}\.(A-\d-[A-Z0-9]{8,9})-(ILE|recensementCitoyen)-2\.ADER\.ftp\.zip$")
+FILENAME_RE = re.compile(
+    r"^RitaGS\.\d{4}-\d\d-\d\dT\d\d_\d\d_\d\d\.\d{9}\.(A-\d-[A-Z0-9]{8,9})-(ILE|recensementCitoyen)-2\.ADER\.ftp\.zip$"
+)
 SECRET_FREE_ENV = {k: v for k, v in os.environ.items() if k != "RELAYD_PUSH_PASSWORD"}
 
 
