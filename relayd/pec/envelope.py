@@ -309,8 +309,10 @@ _ONCE = {
 #: Values that name files, queues or services: a plain token, never a path.
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}")
 _TOKENS = {"FlowType", "NumeroDemarche", "AckType", "WriteMode", "Siret", "Service", "NumeroTeledemarche", "Id"}
-#: Free text allowed to span lines: the notification mail's body and the opaque Content of other flows.
-_MULTILINE = {("Body", "EmailConfiguration"), ("Content", "Body")}
+#: Values that reach a log line, a mail header, a file name or a reply: one line, bounded. Other
+#: values (titles, the mail's body, an opaque Content) are passed on as they are.
+_SINGLE_LINE = _TOKENS | {"MessageId", "ConversationId", "Country", "Guichet", "Attention", "Subject", "From", "Email",
+                          "Valeur", "Fichier", "FichierDonnees"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
 MAX_VALUE_CHARS = 1000
 #: Known elements of the envelope's namespace; any other is tolerated and noted in the log.
@@ -368,16 +370,15 @@ def check_envelope_tree(root: etree._Element) -> None:
             unknown.add(q.localname[:64])
         if len(el) or el.text is None:
             continue
-        _check_value(q.localname, el.text, el.sourceline, el.getparent())
+        _check_value(q.localname, el.text, el.sourceline)
     if unknown:
         # Tolerated: the platform may add elements; the reply copies them back untouched.
         log.info("envelope.unknown_elements", elements=sorted(unknown))
 
 
-def _check_value(name: str, text: str, line: int | None, parent: etree._Element | None) -> None:
-    parent_name = local_name(parent) if parent is not None else ""
-    if name == "MotDePasse" or (name, parent_name) in _MULTILINE:
-        return  # a password is never echoed; the mail body and an opaque Content may span lines
+def _check_value(name: str, text: str, line: int | None) -> None:
+    if name not in _SINGLE_LINE:
+        return  # a password is never checked here (nor echoed); free text is passed on as it is
     value = text.strip()
     if not value:
         return
