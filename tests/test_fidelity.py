@@ -182,7 +182,8 @@ def test_siret_routed_envelope_lands_in_its_commune(make_relay, tmp_path):
 # --------------------------------------------------------------------------- what must appear once, and be safe
 
 
-@pytest.mark.parametrize("kind", ["duplicate-codeinsee", "duplicate-message-id", "xinclude", "path-ackto", "subject-injection"])
+@pytest.mark.parametrize("kind", ["duplicate-codeinsee", "duplicate-message-id", "xinclude", "path-ackto", "subject-injection",
+                                  "siret-unknown", "not-a-dossier"])
 def test_envelope_broken_kinds_are_refused_with_their_reason(make_relay, tmp_path, kind):
     relay = make_relay()
     spec = SampleSpec(numero="A-1-ENVBAD01", demarche=CENSUS)

@@ -205,6 +205,13 @@ def _issues(data: bytes, *, max_package: int | None = MAX_PACKAGE) -> set[Reason
     subjects = [s.text or "" for s in root.iterfind(f".//{p}Subject")]
     if any("/" in v or ".." in v for v in services) or any("\n" in v or "\r" in v for v in subjects):
         issues.add(Reason.ENVELOPE_UNSAFE_VALUE)
+    if aller is None and root.find(f"{{{PEC_NS}}}Body/{{{PEC_NS}}}Content") is not None:
+        return issues | {Reason.ENVELOPE_NOT_A_DOSSIER}
+    siret = root.findtext(f"{{{PEC_NS}}}Header/{{{PEC_NS}}}Routing/{{{PEC_NS}}}Recipients/{{{PEC_NS}}}Recipient/"
+                          f"{{{PEC_NS}}}Location/{{{PEC_NS}}}Siret")
+    if insee is None and siret and all((message_id, demarche, numero)):
+        insee = "via-siret"
+        issues.add(Reason.SIRET_UNKNOWN)  # no commune of the reference configuration declares a SIRET
     if not all((message_id, demarche, numero, insee)):
         return issues | {Reason.ENVELOPE_INVALID}
     assert numero is not None and demarche is not None and insee is not None
@@ -212,7 +219,7 @@ def _issues(data: bytes, *, max_package: int | None = MAX_PACKAGE) -> set[Reason
         issues.add(Reason.DOSSIER_NUMBER_INVALID)
     if demarche not in ACCEPTED_DEMARCHES:
         issues.add(Reason.DEMARCHE_NOT_ACCEPTED)
-    if insee not in KNOWN_INSEE:
+    if insee not in KNOWN_INSEE and insee != "via-siret":
         issues.add(Reason.INSEE_UNKNOWN)
 
     listed = set(_listed(root))

@@ -490,5 +490,9 @@ for _kind in (
                "AckTo's Service is the path ../../../etc/cron.d/x.", _env.path_ack_to),
     BrokenKind("subject-injection", Reason.ENVELOPE_UNSAFE_VALUE,
                "The notification Subject carries a line break and a Bcc: header.", _env.subject_header_injection),
+    BrokenKind("siret-unknown", Reason.SIRET_UNKNOWN,
+               f"No CodeINSEE, and the recipient's SIRET {_env.STRAY_SIRET} is no commune's.", _env.siret_unknown),
+    BrokenKind("not-a-dossier", Reason.ENVELOPE_NOT_A_DOSSIER,
+               "message.xml is shaped like the DIA flow's: an opaque Content, no Aller.", _env.not_a_dossier),
 ):
     BROKEN_KINDS[_kind.name] = _kind

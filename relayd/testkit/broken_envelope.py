@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from relayd.testkit.samples import SampleSpec, build_members, ent_member_name, write_zip
+from dataclasses import replace
+
+from relayd.testkit.samples import SampleSpec, build_members, dia_envelope, ent_member_name, write_zip
+
+#: A SIRET that no commune declares (14 digits, but no real establishment's).
+STRAY_SIRET = "99999999999999"
 
 
 def _edited(spec: SampleSpec, member: str, edit: Callable[[str], str]) -> bytes:
@@ -76,3 +81,16 @@ def subject_header_injection(spec: SampleSpec) -> bytes:
         return xml.replace(" : dossier à traiter</ns2:Subject>", " : dossier à traiter\r\nBcc: victime@example.org</ns2:Subject>", 1)
 
     return _edited(spec, "message.xml", edit)
+
+
+def siret_unknown(spec: SampleSpec) -> bytes:
+    """No CodeINSEE, and a recipient SIRET that no commune declares: nothing to route to."""
+    stray = replace(spec, code_insee=False, recipient_siret=STRAY_SIRET)
+    return write_zip(build_members(stray), date_time=stray.zip_date_time)
+
+
+def not_a_dossier(spec: SampleSpec) -> bytes:
+    """``message.xml`` shaped like the DIA flow's: an opaque ``Content``, no ``Aller``."""
+    members = build_members(spec)
+    members["message.xml"] = dia_envelope(spec)
+    return write_zip(members, date_time=spec.zip_date_time)
