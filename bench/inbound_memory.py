@@ -42,8 +42,8 @@ def run_size(work: Path, mib: int, key_path: Path, pubkey: str) -> int:
         "limits": {"max_package_bytes": 4 * 1024**3},
         "accounts": [{"username": "plateforme", "password_hash": hash_password("unused"),
                       "authorized_keys": [pubkey], "communes": ["90017", "75056"]}],
-        "communes": [{"insee": "90017", "name": "zip", "inbox": "inbox-zip", "demarches": ["RCO"]},
-                     {"insee": "75056", "name": "dir", "inbox": "inbox-dir", "demarches": ["RCO"],
+        "communes": [{"insee": "90017", "name": "zip", "inbox": "inbox-zip", "demarches": ["recensementCitoyen"]},
+                     {"insee": "75056", "name": "dir", "inbox": "inbox-dir", "demarches": ["recensementCitoyen"],
                       "delivery": "extracted"}],
         "logging": {"format": "json", "level": "warning"},
     }
@@ -53,7 +53,7 @@ def run_size(work: Path, mib: int, key_path: Path, pubkey: str) -> int:
     try:
         wait_port(port)
         for insee in ("90017", "75056"):
-            spec = SampleSpec(numero=f"A-9-MEM{mib:05d}{insee[:1]}", demarche="RCO", insee=insee,
+            spec = SampleSpec(numero=f"A-9-MEM{mib:05d}{insee[:1]}", demarche="recensementCitoyen", insee=insee,
                               annex_bytes=mib * 1024 * 1024, annex_fill="random")
             local = work / "pkg.zip"
             local.write_bytes(build_package(spec))

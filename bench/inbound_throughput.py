@@ -81,7 +81,7 @@ def start_relay(work: Path, pubkey: str) -> tuple[subprocess.Popen, int, Path]:
         "limits": {"max_package_bytes": 4 * 1024**3},
         "accounts": [{"username": "plateforme", "password_hash": hash_password("unused"),
                       "authorized_keys": [pubkey], "communes": ["90017"]}],
-        "communes": [{"insee": "90017", "name": "bench", "inbox": "inbox", "demarches": ["RCO"]}],
+        "communes": [{"insee": "90017", "name": "bench", "inbox": "inbox", "demarches": ["recensementCitoyen"]}],
         "logging": {"format": "json", "level": "warning"},
     }
     (root / "relayd.yaml").write_text(yaml.safe_dump(config))
@@ -128,14 +128,14 @@ def main() -> int:
         ref_times, relay_times = [], []
         for i in range(args.rounds):
             # Each round is a distinct dossier, so that relayd does the whole job every time.
-            spec = SampleSpec(numero=f"A-9-BENCH{i:04d}", demarche="RCO", insee="90017",
+            spec = SampleSpec(numero=f"A-9-BENCH{i:04d}", demarche="recensementCitoyen", insee="90017",
                               annex_bytes=args.mib * 1024 * 1024, annex_fill="random")
             local = work / f"pkg{i}.zip"
             local.write_bytes(build_package(spec))
             ref_times.append(push(sshd_port, os.environ.get("USER", "root"), key_path, local,
                                   str(sshd_dest / f"pkg{i}.zip"), args.cipher))
             relay_times.append(push(relay_port, "plateforme", key_path, local, f"pkg{i}.zip", args.cipher))
-            assert (inbox / f"{spec.numero}-RCO.zip").stat().st_size == local.stat().st_size
+            assert (inbox / f"{spec.numero}-recensementCitoyen.zip").stat().st_size == local.stat().st_size
             local.unlink()
         size = args.mib
         ref, rel = statistics.median(ref_times), statistics.median(relay_times)

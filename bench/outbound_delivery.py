@@ -107,7 +107,7 @@ def make_files(folder: Path, count: int, size: int, kind: str) -> list[Path]:
     folder.mkdir()
     files = []
     for i in range(count):
-        path = folder / f"relayd.20260126T140305.A-9-B{i:07d}-RCO.{kind}.{i:012x}.zip"
+        path = folder / f"relayd.20260126T140305.A-9-B{i:07d}-recensementCitoyen.{kind}.{i:012x}.zip"
         path.write_bytes(os.urandom(size))
         files.append(path)
     return files

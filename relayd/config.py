@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from relayd.inbound.passwords import hash_password, is_password_hash
+from relayd.pec.envelope import DEFAULT_NUMERO_REGEX, NUMERO_PATTERN
 from relayd.pec.zipcheck import PackageLimits
 from relayd.ssh_algorithms import ProfileName
 
@@ -195,7 +196,13 @@ class Commune(_Strict):
     insee: str = Field(pattern=INSEE_PATTERN)
     name: str
     inbox: Path
-    demarches: list[str] = Field(min_length=1, description="démarche codes accepted, e.g. ILE, RCO, DAUA")
+    siret: str | None = Field(default=None, pattern=r"^[0-9]{14}$",
+                              description="the service's SIRET: routes envelopes without CodeINSEE, and must agree with it")
+    demarches: list[str] = Field(
+        min_length=1,
+        description="démarche codes accepted, matched exactly (case counts), e.g. recensementCitoyen, DAUA; "
+                    "list every spelling (alias) the platform may use",
+    )
     delivery: Literal["zip", "extracted"] = "zip"
     file_mode: str = Field(default="0640", pattern=r"^0?[0-7]{3}$")
     group: str | None = Field(default=None, description="group owning what lands in the inbox")
@@ -258,6 +265,12 @@ class ReturnServer(_Strict):
     alert_after_hours: float = Field(
         default=1.0, gt=0, description="an outage of the return server this long alerts the administrator (it still waits)"
     )
+    reply_style: Literal["mirror", "relayd"] = Field(
+        default="mirror",
+        description="mirror: a reply is the incoming envelope with Sender and Recipient swapped, MessageId kept "
+                    "(the real replier's way); relayd: the same, with a MessageId of relayd's own",
+    )
+    acks: Literal["AVL+ANL", "ANL", "none"] = Field(default="AVL+ANL", description="which acks relayd sends")
 
     @field_validator("host_key_fingerprints")
     @classmethod
@@ -497,6 +510,24 @@ class Server(_Strict):
         return [e if e.profile is not None else e.model_copy(update={"profile": self.profile}) for e in entries]
 
 
+class Validation(_Strict):
+    """What relayd takes for well-formed, where the platform's own rule is not published."""
+
+    dossier_number: str = Field(
+        default=DEFAULT_NUMERO_REGEX,
+        description="regular expression of a dossier number; the default takes A-<digit>-<6 to 12 letters or digits>",
+    )
+
+    @field_validator("dossier_number")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc})") from None
+        return value
+
+
 class Config(_Strict):
     """The whole file."""
 
@@ -513,6 +544,22 @@ class Config(_Strict):
     metrics: Metrics = Metrics()
     retention: Retention = Retention()
     logging: Logging = Logging()
+    validation: Validation = Validation()
+
+    @property
+    def reply_style(self) -> Literal["mirror", "relayd"]:
+        """How replies are built (``platform.reply_style``; mirror without a platform section)."""
+        return self.platform.reply_style if self.platform is not None else "mirror"
+
+    @property
+    def ack_kinds(self) -> frozenset[str]:
+        """The acks relayd sends (``platform.acks``)."""
+        setting = self.platform.acks if self.platform is not None else "AVL+ANL"
+        return frozenset() if setting == "none" else frozenset(setting.split("+"))
+
+    def commune_by_siret(self, siret: str) -> Commune | None:
+        """The commune whose ``siret`` this is, if configured."""
+        return next((c for c in self.communes if c.siret == siret), None)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -520,6 +567,9 @@ class Config(_Strict):
         dup = {c for c in codes if codes.count(c) > 1}
         if dup:
             raise ValueError(f"communes: INSEE code(s) {sorted(dup)} appear more than once")
+        sirets = [c.siret for c in self.communes if c.siret]
+        if len(set(sirets)) != len(sirets):
+            raise ValueError("communes: two communes share a SIRET; each needs its own")
         names = [a.username for a in self.accounts]
         if len(set(names)) != len(names):
             raise ValueError("accounts: a username appears more than once")
@@ -572,7 +622,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: the top level must be a mapping")
     _resolve_paths(raw, path.resolve().parent)
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_url=False, include_input=False):
@@ -583,6 +633,9 @@ def load_config(path: str | Path) -> Config:
                 # Cross-checks of the whole file name their key path at the start of the message.
                 lines.append(f"{path}: {msg}")
         raise ConfigError("\n".join(lines)) from None
+    # Every reader and writer of dossier numbers in this process follows the loaded rule.
+    NUMERO_PATTERN.use(config.validation.dossier_number)
+    return config
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:

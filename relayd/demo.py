@@ -23,9 +23,10 @@ from relayd.inbound.passwords import hash_password
 DEMO_ACCOUNT = "plateforme"
 DEMO_COMMUNES = [
     {"insee": "90017", "name": "Commune de démonstration (Territoire de Belfort)",
-     "demarches": ["DAUA", "ILE", "RCO", "RecensementCitoyen"], "delivery": "zip"},
+     "demarches": ["DAUA", "ILE", "recensementCitoyen", "depotDossierPACS", "certificat-non-pacs", "EtatCivil",
+                   "JeChangeDeCoordonnees"], "delivery": "zip"},
     # Sends "reçu" by itself, so a newcomer sees a Retour arrive without writing anything.
-    {"insee": "75056", "name": "Paris (démonstration)", "demarches": ["ILE", "RCO", "RecensementCitoyen"],
+    {"insee": "75056", "name": "Paris (démonstration)", "demarches": ["ILE", "recensementCitoyen", "DAUA"],
      "delivery": "extracted",
      "auto_receipt": True},
 ]

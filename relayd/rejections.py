@@ -74,6 +74,13 @@ class Reason(StrEnum):
     DROP_NOT_REGULAR = "drop_not_regular"
     DROP_HARD_LINK = "drop_hard_link"
     TOO_MANY_ATTACHMENTS = "too_many_attachments"
+    # Real-world fidelity: envelopes that say one thing twice, carry unsafe values, or route two ways.
+    ENVELOPE_DUPLICATE_ELEMENT = "envelope_duplicate_element"
+    ENVELOPE_UNSAFE_VALUE = "envelope_unsafe_value"
+    ENVELOPE_NOT_A_DOSSIER = "envelope_not_a_dossier"
+    XML_XINCLUDE = "xml_xinclude"
+    SIRET_UNKNOWN = "siret_unknown"
+    ROUTING_CONFLICT = "routing_conflict"
 
     @property
     def summary(self) -> str:
@@ -116,7 +123,9 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.XML_TOO_LARGE: "An XML file is larger than this relay parses.",
     Reason.ENVELOPE_WRONG_ROOT: "message.xml is not a PEC Message envelope.",
     Reason.ENVELOPE_INVALID: "message.xml lacks a field the relay needs.",
-    Reason.DOSSIER_NUMBER_INVALID: "The dossier number is not of the form A-<digit>-<8 or 9 letters or digits>.",
+    Reason.DOSSIER_NUMBER_INVALID: (
+        "The dossier number is not of the form A-<digit>-<6 to 12 letters or digits> (or the configured pattern)."
+    ),
     Reason.MEMBER_MISSING: "A file that the envelope lists is not in the package.",
     Reason.MEMBER_UNEXPECTED: "The package holds a file that the envelope does not list.",
     Reason.DEMARCHE_NOT_ACCEPTED: "The commune does not accept this démarche.",
@@ -139,6 +148,12 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.ATTACHMENT_ACTIVE_CONTENT: "A PDF attachment carries JavaScript or a launch action.",
     Reason.DROP_NOT_REGULAR: "A drop or attachment is a symbolic link or another non-regular file.",
     Reason.DROP_HARD_LINK: "A drop or attachment is a hard link to a file that has other names.",
+    Reason.ENVELOPE_DUPLICATE_ELEMENT: "message.xml gives an element twice that must appear once (two CodeINSEE, two Sender...).",
+    Reason.ENVELOPE_UNSAFE_VALUE: "A value of message.xml that names files or goes into logs is not a plain single-line token.",
+    Reason.ENVELOPE_NOT_A_DOSSIER: "message.xml carries no Aller: it is not a télédossier.",
+    Reason.XML_XINCLUDE: "An XML file uses XInclude, which is refused.",
+    Reason.SIRET_UNKNOWN: "No commune with the recipient's SIRET is configured on this relay.",
+    Reason.ROUTING_CONFLICT: "The envelope's CodeINSEE and its recipient's SIRET name different communes.",
 }
 
 

@@ -213,13 +213,13 @@ def relay_config(root: Path, port: int, key: Path, hashes: dict[str, str], **ove
             {"username": "autre", "password_hash": hashes["autre"], "communes": ["2A004"]},
         ],
         "communes": [
-            {"insee": "90017", "name": "Test 90017", "inbox": "inbox/90017", "demarches": ["DAUA", "ILE", "RCO"],
+            {"insee": "90017", "name": "Test 90017", "inbox": "inbox/90017", "demarches": ["DAUA", "ILE", "recensementCitoyen"],
              "delivery": "zip", "file_mode": "0640", "returns": "returns/90017/retours",
              "rejected": "returns/90017/rejected"},
-            {"insee": "75056", "name": "Test 75056", "inbox": "inbox/75056", "demarches": ["DAUA", "ILE", "RCO"],
+            {"insee": "75056", "name": "Test 75056", "inbox": "inbox/75056", "demarches": ["DAUA", "ILE", "recensementCitoyen"],
              "delivery": "extracted", "file_mode": "0640", "returns": "returns/75056/retours",
              "rejected": "returns/75056/rejected"},
-            {"insee": "2A004", "name": "Test 2A004", "inbox": "inbox/2A004", "demarches": ["ILE", "RCO"]},
+            {"insee": "2A004", "name": "Test 2A004", "inbox": "inbox/2A004", "demarches": ["ILE", "recensementCitoyen"]},
         ],
         # Tests drop their files by rename or wait for them; a short settle keeps them quick.
         "returns": {"settle_seconds": 0.3, "rescan_seconds": 2},

@@ -15,7 +15,7 @@ SMALL_LIMITS = {"max_package_bytes": 2 * 1024 * 1024}
 
 
 def _spec(i: int, **kw) -> SampleSpec:
-    return SampleSpec(numero=f"A-1-BRKN{i:04d}", demarche="RCO", insee="90017", **kw)
+    return SampleSpec(numero=f"A-1-BRKN{i:04d}", demarche="recensementCitoyen", insee="90017", **kw)
 
 
 def test_every_broken_kind_is_quarantined_with_its_reason(make_relay, tmp_path):
@@ -56,12 +56,12 @@ def test_every_broken_kind_is_quarantined_with_its_reason(make_relay, tmp_path):
     spec = _spec(9999)
     good.write_bytes(build_package(spec))
     paramiko_put(relay, good, package_filename(spec))
-    assert (relay.inbox("90017") / f"{spec.numero}-RCO.zip").read_bytes() == good.read_bytes()
+    assert (relay.inbox("90017") / f"{spec.numero}-recensementCitoyen.zip").read_bytes() == good.read_bytes()
 
 
 def test_commune_the_account_does_not_serve(make_relay, tmp_path):
     relay = make_relay()
-    spec = SampleSpec(numero="A-2-NOTMINE1", demarche="RCO", insee="2A004")  # served by account "autre" only
+    spec = SampleSpec(numero="A-2-NOTMINE1", demarche="recensementCitoyen", insee="2A004")  # served by account "autre" only
     local = tmp_path / "p.zip"
     local.write_bytes(build_package(spec))
     with pytest.raises(OSError, match=Reason.INSEE_NOT_ALLOWED.value):
@@ -92,7 +92,7 @@ def test_same_dossier_with_other_content_is_a_conflict(make_relay, tmp_path):
     with pytest.raises(OSError, match=Reason.DOSSIER_CONFLICT.value):
         paramiko_put(relay, second, "b.zip")
     # The business software's copy is untouched.
-    assert (relay.inbox("90017") / "A-1-BRKN0001-RCO.zip").read_bytes() == first.read_bytes()
+    assert (relay.inbox("90017") / "A-1-BRKN0001-recensementCitoyen.zip").read_bytes() == first.read_bytes()
 
 
 def test_reason_file_is_readable_by_people_and_programs(make_relay, tmp_path):

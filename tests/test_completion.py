@@ -17,7 +17,7 @@ BIG = 48 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def big_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = SampleSpec(numero="A-3-BIGPACK01", demarche="RCO", insee="90017", annex_bytes=BIG, annex_fill="random")
+    spec = SampleSpec(numero="A-3-BIGPACK01", demarche="recensementCitoyen", insee="90017", annex_bytes=BIG, annex_fill="random")
     path = tmp_path_factory.mktemp("big") / "big.zip"
     path.write_bytes(build_package(spec))
     return path
@@ -83,7 +83,7 @@ def test_relay_killed_mid_upload_cleans_the_partial_at_next_start(relay, big_pac
 def test_completed_large_upload_lands_whole(relay, big_package):
     result = sftp_put(relay, big_package, "big.zip", style="rename")
     assert result.returncode == 0, result.stderr
-    delivered = relay.inbox("90017") / "A-3-BIGPACK01-RCO.zip"
+    delivered = relay.inbox("90017") / "A-3-BIGPACK01-recensementCitoyen.zip"
     assert delivered.read_bytes() == big_package.read_bytes()
 
 
@@ -106,7 +106,7 @@ def test_staged_package_is_finished_after_a_crash(make_relay, tmp_path):
 def test_a_temporary_name_alone_is_never_promoted(relay, tmp_path):
     """A complete zip uploaded under a temporary name waits for its rename, and goes when the session ends."""
     local = tmp_path / "p.zip"
-    local.write_bytes(build_package(SampleSpec(numero="A-3-NORENAME", demarche="RCO", insee="90017")))
+    local.write_bytes(build_package(SampleSpec(numero="A-3-NORENAME", demarche="recensementCitoyen", insee="90017")))
     result = sftp_put(relay, local, "p.zip.part")
     assert result.returncode == 0
     assert not any(relay.inbox("90017").iterdir())

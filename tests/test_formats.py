@@ -389,7 +389,7 @@ def _package_kind(spec: SampleSpec, seed: int) -> Callable[[], list[Check]]:
         checks = [("pec-envelope.xsd", _parse(members["message.xml"])), ("pec-metier.xsd", _parse(members[ent_member_name(spec)]))]
         data = data_xml(spec, seed=seed)
         if data is not None:
-            checks.append(({"RCO": "rco-data.xsd", "ILE": "ile-data.xsd"}[spec.demarche], _parse(_data_member(spec, seed))))
+            checks.append(({"recensementCitoyen": "rco-data.xsd", "ILE": "ile-data.xsd"}[spec.demarche], _parse(_data_member(spec, seed))))
         return checks
 
     return build
@@ -420,7 +420,7 @@ def _reply_checks(data: bytes, body_xsd: str) -> list[Check]:
 
 def _avl(origin: str) -> Callable[[], list[Check]]:
     def build() -> list[Check]:
-        ack = build_ack(_origins()[origin], kind="AVL", numero="A-9-K7Q2M4XT", demarche="RCO", now=NOW)
+        ack = build_ack(_origins()[origin], kind="AVL", numero="A-9-K7Q2M4XT", demarche="recensementCitoyen", now=NOW)
         return _reply_checks(ack.data, "relayd-accuse.xsd")
 
     return build
@@ -429,7 +429,7 @@ def _avl(origin: str) -> Callable[[], list[Check]]:
 def _anl(origin: str, numero: str | None) -> Callable[[], list[Check]]:
     def build() -> list[Check]:
         rejection = Rejection(Reason.MEMBER_MISSING, "message.xml lists a document that is not in the package.")
-        ack = build_ack(_origins()[origin], kind="ANL", numero=numero, demarche="RCO", rejection=rejection, now=NOW)
+        ack = build_ack(_origins()[origin], kind="ANL", numero=numero, demarche="recensementCitoyen", rejection=rejection, now=NOW)
         return _reply_checks(ack.data, "relayd-accuse.xsd")
 
     return build
@@ -442,7 +442,7 @@ def _retour(origin: str, state: Literal["recu", "clos"], attachments: int) -> Ca
                        title="Attestation de recensement"),
             Attachment(name="courrier.png", data=png_bytes(), media_type="image/png"),
         ][:attachments]
-        retour = build_retour(_origins()[origin], numero="A-9-K7Q2M4XT", demarche="RCO", state=state,
+        retour = build_retour(_origins()[origin], numero="A-9-K7Q2M4XT", demarche="recensementCitoyen", state=state,
                               comment="Votre attestation est jointe." if attachments else None, attachments=files, now=NOW)
         return _reply_checks(retour.data, "relayd-retour.xsd")
 

@@ -152,7 +152,7 @@ def test_parallel_uploads_all_land(relay, tmp_path):
 
     from relayd.testkit.samples import SampleSpec, build_package
 
-    specs = [SampleSpec(numero=f"A-4-PARALL{i:03d}", demarche="RCO" if i % 2 else "ILE",
+    specs = [SampleSpec(numero=f"A-4-PARALL{i:03d}", demarche="recensementCitoyen" if i % 2 else "ILE",
                         insee="90017" if i < 4 else "75056") for i in range(8)]
     files = []
     for spec in specs:

@@ -303,9 +303,9 @@ def make_config(root: Path, mail: dict[str, Any] | None, **extra: Any) -> Config
         "storage": {"root": str(root / "var")},
         "accounts": [{"username": "plateforme", "password_hash": hash_password("x"), "communes": ["90017", "75056"]}],
         "communes": [
-            {"insee": "90017", "name": "Belfort-Test", "inbox": str(root / "inbox/90017"), "demarches": ["RCO", "ILE"],
+            {"insee": "90017", "name": "Belfort-Test", "inbox": str(root / "inbox/90017"), "demarches": ["recensementCitoyen", "ILE"],
              "emails": [SERVICE, "accueil@mairie-90017.test"]},
-            {"insee": "75056", "name": "Paris-Test", "inbox": str(root / "inbox/75056"), "demarches": ["RCO"]},
+            {"insee": "75056", "name": "Paris-Test", "inbox": str(root / "inbox/75056"), "demarches": ["recensementCitoyen"]},
         ],
         "mail": mail,
         **extra,
@@ -315,7 +315,7 @@ def make_config(root: Path, mail: dict[str, Any] | None, **extra: Any) -> Config
 def accept(ledger: Ledger, numero: str, insee: str = "90017", *, days_ago: float = 0) -> None:
     """A dossier in the ledger, received ``days_ago`` days before the real now."""
     sha = hashlib.sha256(numero.encode()).hexdigest()
-    ledger.record_accepted(PackageRecord(sha256=sha, size=1, numero=numero, demarche="RCO", insee=insee,
+    ledger.record_accepted(PackageRecord(sha256=sha, size=1, numero=numero, demarche="recensementCitoyen", insee=insee,
                                          message_id=f"{numero} 1"), deposited_at=None, inbox_path="inbox", archive_path="a")
     received = (datetime.now(UTC) - timedelta(days=days_ago)).isoformat(timespec="milliseconds")
     with ledger.transaction() as db:
@@ -416,7 +416,7 @@ def test_alerts_are_throttled(tmp_path, ledger):
     mailer.reconfigure(make_config(tmp_path, mail_settings(1, admin=[])))
     mailer.on_event(DeadLetter(entry_id=3, kind="AVL", numero=None, attempts=1, error_code="x", error="y"))
     mailer.reconfigure(make_config(tmp_path, None))
-    mailer.on_event(PackageAccepted(numero="A-1-ABCDEFGH", demarche="RCO", insee="90017", message_id="m", size=1))
+    mailer.on_event(PackageAccepted(numero="A-1-ABCDEFGH", demarche="recensementCitoyen", insee="90017", message_id="m", size=1))
     assert len(queued(ledger)) == 9
 
 

@@ -129,7 +129,7 @@ def test_delivered_archives_the_payload_and_advances_the_dossier(outbox, tmp_pat
     ledger = outbox.ledger
     with ledger.transaction() as db:
         db.execute("INSERT INTO dossiers (numero, demarche, insee, state, received_at, updated_at, message_id, sha256)"
-                   " VALUES ('A-1-AAAAAAAA', 'RCO', '90017', 'transmis', 'x', 'x', 'M0', 'x')")
+                   " VALUES ('A-1-AAAAAAAA', 'recensementCitoyen', '90017', 'transmis', 'x', 'x', 'M0', 'x')")
     entry = outbox.enqueue(reply(1), Queued(kind="Retour", numero="A-1-AAAAAAAA", target_state="recu"))
     outbox.delivered(entry)
     done = outbox.get(entry.id)
@@ -164,7 +164,7 @@ def test_purging_a_return_gives_its_state_back(outbox, clock):
     ledger = outbox.ledger
     with ledger.transaction() as db:
         db.execute("INSERT INTO dossiers (numero, demarche, insee, state, received_at, updated_at, message_id, sha256,"
-                   " requested_state) VALUES ('A-1-AAAAAAAA', 'RCO', '90017', 'transmis', 'x', 'x', 'M0', 'x', 'recu')")
+                   " requested_state) VALUES ('A-1-AAAAAAAA', 'recensementCitoyen', '90017', 'transmis', 'x', 'x', 'M0', 'x', 'recu')")
     entry = outbox.enqueue(reply(1), Queued(kind="Retour", numero="A-1-AAAAAAAA", target_state="recu"))
     clock.now += 25 * 3600
     outbox.failed(entry, "remote_error", "refused by the server")
@@ -182,7 +182,7 @@ def test_a_ledger_from_the_first_release_gains_the_new_columns(tmp_path):
         CREATE TABLE dossiers (numero TEXT PRIMARY KEY, demarche TEXT NOT NULL, insee TEXT NOT NULL,
             state TEXT NOT NULL, deposited_at TEXT, received_at TEXT NOT NULL, updated_at TEXT NOT NULL,
             message_id TEXT NOT NULL, sha256 TEXT NOT NULL, inbox_path TEXT, archive_path TEXT);
-        INSERT INTO dossiers VALUES ('A-1-AAAAAAAA', 'RCO', '90017', 'transmis', NULL, 'x', 'x', 'M0', 'x', NULL, NULL);
+        INSERT INTO dossiers VALUES ('A-1-AAAAAAAA', 'recensementCitoyen', '90017', 'transmis', NULL, 'x', 'x', 'M0', 'x', NULL, NULL);
     """)
     db.close()
     ledger = Ledger(path)

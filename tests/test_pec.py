@@ -43,7 +43,7 @@ REAL_ENT = "A-9-X3UGO4V7-DAUA-ent-2.xml"
 
 MiB = 1024 * 1024
 
-SPEC = SampleSpec(numero="A-1-PECTEST01", demarche="RCO", insee="90017")
+SPEC = SampleSpec(numero="A-1-PECTEST01", demarche="recensementCitoyen", insee="90017")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -407,7 +407,7 @@ def test_symlink_in_nested_zip(tmp_path: Path) -> None:
     "victim",
     [
         pytest.param(ent_member_name(SPEC), id="ent-header"),
-        pytest.param(doc_member_name(SPEC, "RecensementCitoyen", "xml"), id="demarche-data-xml"),
+        pytest.param(doc_member_name(SPEC, "flux", "xml"), id="demarche-data-xml"),
     ],
 )
 @pytest.mark.parametrize(
@@ -432,7 +432,7 @@ def test_doctype_in_any_xml_member_refuses_the_package(tmp_path: Path, victim: s
 
 def test_doctype_in_utf16_data_xml_refuses_the_package(tmp_path: Path) -> None:
     members = build_members(SPEC)
-    victim = doc_member_name(SPEC, "RecensementCitoyen", "xml")
+    victim = doc_member_name(SPEC, "flux", "xml")
     text = _with_doctype(members[victim]).decode("utf-8").replace('encoding="UTF-8"', 'encoding="UTF-16"', 1)
     members[victim] = text.encode("utf-16")
     refusal = _refusal(_write(tmp_path, write_zip(members, date_time=SPEC.zip_date_time)))

@@ -45,7 +45,7 @@ def test_a_status_file_written_by_hand_reaches_the_simulator(demo):
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     inbox = Path(info["communes"]["90017"]["inbox"])
     (package,) = list(inbox.iterdir())
-    numero = package.name.split("-RCO")[0].split("-ILE")[0]
+    numero = package.name.split("-recensementCitoyen")[0].split("-ILE")[0]
     # What docs/formats.md tells an editor to write, by hand, then rename into the return folder.
     status = f"""<?xml version="1.0" encoding="UTF-8"?>
 <Statut xmlns="urn:relayd:statut:1" version="1">
@@ -70,7 +70,7 @@ def test_a_status_file_written_by_hand_reaches_the_simulator(demo):
 
 @pytest.fixture
 def sent_two(tmp_path: Path) -> list[Sent]:
-    plan = generate(tmp_path / "sent", count=2, demarches=["RCO"], insees=["90017"], seed=1)
+    plan = generate(tmp_path / "sent", count=2, demarches=["recensementCitoyen"], insees=["90017"], seed=1)
     for _, sent in plan:
         sent.pushed = "accepted"
     return [s for _, s in plan]

@@ -140,10 +140,14 @@ def test_avl_from_the_real_envelope(routing: Routing, package: Package, real_pas
     assert built.ack_required is False and built.ack_types == [] and built.ack_to is None
     assert message.xpath("//ns2:Location/@xsi:type", namespaces={**NS, "xsi": XSI}) == ["ns2:Location_FR"] * 2
 
-    # A new MessageId, which names the original one in the body.
-    assert avl.message_id == built.message_id != routing.message_id
-    assert avl.message_id == message.findtext("ns2:Header/ns2:Routing/ns2:MessageId", namespaces=NS)
+    # The envelope keeps the original MessageId, as the real replier does (platform.reply_style
+    # mirror); relayd's own unique id is in the file name and the outbox, and the body names the original.
+    assert avl.envelope_message_id == built.message_id == routing.message_id
+    assert built.message_id == message.findtext("ns2:Header/ns2:Routing/ns2:MessageId", namespaces=NS)
     assert re.fullmatch(r"A-9-X3UGO4V7 relayd-[0-9a-f]{12} AVL 2026-11-26T14:03:05", avl.message_id)
+    assert avl.message_id.split()[1].removeprefix("relayd-") in avl.name
+    own = build_ack(routing, kind="AVL", numero=package.numero, demarche=package.demarche, now=NOW, style="relayd")
+    assert read_reply(own.data).message_id == own.message_id == own.envelope_message_id != routing.message_id
     body = message.find("ns2:Body/ns2:Content/a:Accuse", NS)
     assert body is not None and body.get("version") == "1"
     assert body.findtext("a:MessageIdOrigine", namespaces=NS) == routing.message_id == "A-9-X3UGO4V7 5808773 Principal 2019-04-03T16:26:40"
@@ -221,11 +225,11 @@ def test_anl_carries_the_code_and_the_sentence(routing: Routing) -> None:
 
 def test_anl_for_a_bad_number_leaves_the_number_out(routing: Routing) -> None:
     rejection = Rejection(Reason.DOSSIER_NUMBER_INVALID, "dossier number 'B-12-xyz' is not of the form A-<digit>-<8 or 9 letters...>.")
-    anl = build_ack(routing, kind="ANL", numero="B-12-xyz", demarche="RCO", rejection=rejection, now=NOW)
+    anl = build_ack(routing, kind="ANL", numero="B-12-xyz", demarche="recensementCitoyen", rejection=rejection, now=NOW)
     ack = read_reply(anl.data).ack
-    assert ack is not None and ack.numero is None and ack.demarche == "RCO"
+    assert ack is not None and ack.numero is None and ack.demarche == "recensementCitoyen"
     assert ack.code == "dossier_number_invalid" and "B-12-xyz" in (ack.motif or "")
-    assert anl.name.startswith("relayd.2026-11-26T14_03_05.sans-numero-RCO.ANL.")
+    assert anl.name.startswith("relayd.2026-11-26T14_03_05.sans-numero-recensementCitoyen.ANL.")
     assert not anl.message_id.startswith("B-12")
 
 
@@ -277,7 +281,7 @@ def test_retour_with_a_300k_pdf_round_trips(state: str, routing: Routing, pdf: b
     assert body.attachments[1].title is None
     assert reply.routing.sender == routing.recipients.recipients[0]  # type: ignore[union-attr]
     assert reply.routing.recipients.recipients == [routing.ack_to]  # type: ignore[union-attr]
-    assert reply.message_id == retour.message_id != routing.message_id
+    assert reply.message_id == retour.envelope_message_id == routing.message_id != retour.message_id
     assert retour.kind == "Retour" and retour.name.startswith("relayd.2026-11-26T14_03_05.A-9-X3UGO4V7-DAUA.Retour.")
     leaked = real_password in retour.data
     assert not leaked, "the real MotDePasse is in the Retour"
@@ -546,7 +550,7 @@ def test_full_status_file() -> None:
         "<Commentaire>Votre attestation est jointe.\nCordialement.</Commentaire>",
         "<PieceJointe><Fichier>attestation recensement.pdf</Fichier><Intitule>Attestation</Intitule></PieceJointe>",
         "<PieceJointe><Fichier>courrier.pdf</Fichier></PieceJointe>",
-        "<NumeroDemarche>RCO</NumeroDemarche>",
+        "<NumeroDemarche>recensementCitoyen</NumeroDemarche>",
         "<CodeINSEE>2A004</CodeINSEE>",
     )
     status = read_status_file(data, max_bytes=MAX)
@@ -556,7 +560,7 @@ def test_full_status_file() -> None:
         StatusAttachment(file="attestation recensement.pdf", title="Attestation"),
         StatusAttachment(file="courrier.pdf", title=None),
     ]
-    assert (status.demarche, status.insee) == ("RCO", "2A004")
+    assert (status.demarche, status.insee) == ("recensementCitoyen", "2A004")
 
 
 @pytest.mark.parametrize(

@@ -65,13 +65,13 @@ def test_old_files_go_young_ones_stay_and_dry_run_removes_nothing(make_relay, tm
     relay = make_relay(retention={"archive_days": 30, "quarantine_days": 10})  # no return server: acks wait
     root = relay.root / "var"
     assert sftp_put(relay, REAL_PACKAGE, REAL_PACKAGE.name).returncode == 0
-    young_spec = SampleSpec(numero="A-1-RETN0001", demarche="RCO", insee="90017")
+    young_spec = SampleSpec(numero="A-1-RETN0001", demarche="recensementCitoyen", insee="90017")
     young_local = tmp_path / package_filename(young_spec)
     young_local.write_bytes(build_package(young_spec))
     paramiko_put(relay, young_local, young_local.name)
     for i in range(2):
         broken = tmp_path / f"broken-{i}.zip"
-        broken.write_bytes(build_broken("xxe", SampleSpec(numero=f"A-1-BRKN000{i}", demarche="RCO", insee="90017")))
+        broken.write_bytes(build_broken("xxe", SampleSpec(numero=f"A-1-BRKN000{i}", demarche="recensementCitoyen", insee="90017")))
         assert sftp_put(relay, broken, broken.name).returncode != 0
     for i in range(2):
         drop_status(relay, f"A-1-UNKN000{i}", "recu", f"unknown-{i}.xml")  # refused: never received here
@@ -208,7 +208,7 @@ def test_a_closed_dossier_is_scrubbed_once_and_keeps_its_reference(make_relay, p
 def test_the_daemon_purges_by_itself_and_follows_a_reload(make_relay, tmp_path):
     relay = make_relay(retention={"quarantine_days": 30, "check_hours": 0.001})  # a purge every 3.6 s
     broken = tmp_path / "broken.zip"
-    broken.write_bytes(build_broken("xxe", SampleSpec(numero="A-1-BRKN0009", demarche="RCO", insee="90017")))
+    broken.write_bytes(build_broken("xxe", SampleSpec(numero="A-1-BRKN0009", demarche="recensementCitoyen", insee="90017")))
     assert sftp_put(relay, broken, broken.name).returncode != 0
     wait_for(lambda: len(relay.quarantined()) == 1, what="the package quarantined")
     (entry,) = relay.quarantined()

@@ -21,7 +21,7 @@ from relayd.ledger import Ledger, PackageRecord
 from relayd.outbound.outbox import Outbox
 from relayd.outbound.returns import ReturnDrops
 from relayd.pec.package import inspect_package
-from relayd.pec.replies import build_retour
+from relayd.pec.replies import build_retour, read_reply
 from relayd.pec.status import StatusAttachment, StatusFile, write_status_file
 from relayd.pec.zipcheck import PackageLimits
 from relayd.testkit.samples import SampleSpec, build_package, pdf_bytes, png_bytes
@@ -37,8 +37,8 @@ def drops(tmp_path: Path):
         "storage": {"root": "var"},
         "accounts": [{"username": "p", "password_hash": hash_password("x"), "communes": ["90017", "75056"]}],
         "communes": [
-            {"insee": "90017", "name": "A", "inbox": "inbox/a", "demarches": ["RCO"], "returns": "ret/a"},
-            {"insee": "75056", "name": "B", "inbox": "inbox/b", "demarches": ["RCO"], "returns": "ret/b"},
+            {"insee": "90017", "name": "A", "inbox": "inbox/a", "demarches": ["recensementCitoyen"], "returns": "ret/a"},
+            {"insee": "75056", "name": "B", "inbox": "inbox/b", "demarches": ["recensementCitoyen"], "returns": "ret/b"},
         ],
     }))
     config = load_config(config_path)
@@ -48,7 +48,7 @@ def drops(tmp_path: Path):
         package.write_bytes(build_package(SampleSpec(numero=numero, insee=insee)))
         message = inspect_package(package, PackageLimits()).message
         ledger.record_accepted(
-            PackageRecord(sha256=numero, size=1, message_id=message.message_id, numero=numero, demarche="RCO", insee=insee),
+            PackageRecord(sha256=numero, size=1, message_id=message.message_id, numero=numero, demarche="recensementCitoyen", insee=insee),
             deposited_at=None, inbox_path="-", archive_path="-", routing=message.header.routing.to_xml(encoding="unicode"),
         )
     for commune in config.communes:
@@ -122,7 +122,7 @@ def test_each_bad_drop_is_set_aside_with_its_code(drops, case):
         from relayd.pec.replies import build_ack
 
         routing = returns_drops.routing_of(returns_drops.ledger.dossier(NUMERO))
-        files = {"ack.zip": build_ack(routing, kind="AVL", numero=NUMERO, demarche="RCO").data}
+        files = {"ack.zip": build_ack(routing, kind="AVL", numero=NUMERO, demarche="recensementCitoyen").data}
     for name, data in files.items():
         (folder / name).write_bytes(data)
     drop = folder / next(n for n in files if n.endswith((".xml", ".zip")))
@@ -139,11 +139,13 @@ def test_a_forwarded_package_may_not_reuse_a_message_id(drops):
     returns_drops, config = drops
     folder = config.communes[0].returns
     routing = returns_drops.routing_of(returns_drops.ledger.dossier(NUMERO))
-    package = build_retour(routing, numero=NUMERO, demarche="RCO", state="recu", comment=None, attachments=[])
+    # Business software that mints its own MessageIds (reply_style relayd), then reuses one for the next return.
+    package = build_retour(routing, numero=NUMERO, demarche="recensementCitoyen", state="recu", comment=None, attachments=[],
+                           style="relayd")
     (folder / "first.zip").write_bytes(package.data)
     assert returns_drops.process(folder / "first.zip", config.communes[0]).status == "queued"
-    # Business software that reuses its MessageId for the next return.
-    again = build_retour(routing, numero=NUMERO, demarche="RCO", state="clos", comment="x", attachments=[])
+    again = build_retour(routing, numero=NUMERO, demarche="recensementCitoyen", state="clos", comment="x", attachments=[],
+                         style="relayd")
     with zipfile.ZipFile(io.BytesIO(again.data)) as zf:
         members = {name: zf.read(name) for name in zf.namelist()}
     members["message.xml"] = members["message.xml"].replace(again.message_id.encode(), package.message_id.encode())
@@ -155,6 +157,19 @@ def test_a_forwarded_package_may_not_reuse_a_message_id(drops):
     # The refused "clos" left the dossier where it was: a proper "clos" still goes.
     (folder / "third.zip").write_bytes(again.data)
     assert returns_drops.process(folder / "third.zip", config.communes[0]).status == "queued"
+
+
+def test_forwarded_packages_in_the_real_repliers_style_may_share_the_answered_message_id(drops):
+    # The real replier keeps the Aller's MessageId in every reply: "reçu" then "clos" both go.
+    returns_drops, config = drops
+    folder = config.communes[0].returns
+    routing = returns_drops.routing_of(returns_drops.ledger.dossier(NUMERO))
+    for i, state in enumerate(("recu", "clos")):
+        package = build_retour(routing, numero=NUMERO, demarche="recensementCitoyen", state=state, comment=None, attachments=[])
+        assert read_reply(package.data).message_id == routing.message_id
+        (folder / f"{i}.zip").write_bytes(package.data)
+        assert returns_drops.process(folder / f"{i}.zip", config.communes[0]).status == "queued"
+    assert [e.target_state for e in returns_drops.outbox.entries(("pending",))] == ["recu", "clos"]
 
 
 def test_clos_waits_for_a_recu_still_settling_then_goes(drops):

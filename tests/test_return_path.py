@@ -140,7 +140,7 @@ def assert_valid_against_schemas(reply_bytes: bytes) -> None:
     load_schema(schema).assertValid(etree.fromstring(etree.tostring(body)))
 
 
-def specs(count: int, seed: int, *, insee: str = "90017", demarche: str = "RCO") -> list[SampleSpec]:
+def specs(count: int, seed: int, *, insee: str = "90017", demarche: str = "recensementCitoyen") -> list[SampleSpec]:
     rng = random.Random(seed)
     return [SampleSpec(numero=random_numero(rng), demarche=demarche, insee=insee) for _ in range(count)]
 
@@ -168,7 +168,8 @@ def test_real_package_gets_an_avl_with_routing_swapped(linked, tmp_path):
     assert ack.routing.sender == original.recipients.recipients[0]
     assert ack.routing.recipients.recipients == [original.ack_to]
     assert ack.routing.flow_type == "DAUA"
-    assert ack.message_id != REAL_MESSAGE_ID
+    # As the real replier: the answered MessageId is kept, and the body names it too.
+    assert ack.message_id == REAL_MESSAGE_ID
     assert ack.ack.message_id_origine == REAL_MESSAGE_ID
     assert ack.ack.numero == REAL_NUMERO
     raw = (platform.incoming / published(platform)[0]).read_bytes()
@@ -215,7 +216,8 @@ def test_a_resend_is_acked_again(linked, tmp_path):
     assert sftp_put(relay, REAL_PACKAGE, REAL_PACKAGE.name).returncode == 0
     acks = wait_received(platform, 2)
     assert [a.kind for a in acks] == ["AVL", "AVL"]
-    assert acks[0].message_id != acks[1].message_id
+    # Two acks, two files: what is unique is the name (the envelope keeps the answered MessageId).
+    assert len(set(published(platform))) == 2 and acks[0].message_id == acks[1].message_id == REAL_MESSAGE_ID
     assert len(list(relay.inbox("90017").iterdir())) == 1
 
 
@@ -339,7 +341,8 @@ def test_outage_twenty_drops_delivered_once_in_order(linked, tmp_path):
     replies = received(platform)
     retours = [r for r in replies if r.kind == "Retour"]
     assert len(retours) == 20
-    assert len({r.message_id for r in retours}) == 20
+    assert len({(r.retour.numero, r.retour.state) for r in retours}) == 20
+    assert len({row["message_id"] for row in relay.outbox() if row["kind"] == "Retour"}) == 20  # relayd's own ids
     for spec in dossiers:
         mine = [r.retour.state for r in retours if r.retour.numero == spec.numero]
         assert mine == ["recu", "clos"], spec.numero
@@ -461,7 +464,7 @@ def test_a_complete_pec_return_package_is_forwarded_as_it_is(linked, tmp_path):
     (relay.returns() / ".retour-editeur.zip.tmp").write_bytes(package.data)
     os.rename(relay.returns() / ".retour-editeur.zip.tmp", target)
     replies = wait_received(platform, 3)
-    assert replies[2].message_id == package.message_id
+    assert replies[2].message_id == package.envelope_message_id == routing.message_id
     newest = platform.incoming / platform.arrivals.names[-1]
     assert newest.read_bytes() == package.data
     wait_for(lambda: relay.ledger_rows("SELECT state FROM dossiers WHERE numero = ?", (spec.numero,))[0]["state"] == "clos",
@@ -557,12 +560,12 @@ def test_returns_for_unknown_dossiers_when_the_commune_allows_them(make_relay, p
     wait_for(lambda: relay.rejected(), what="the refusal")
     assert relay.rejected()[0]["code"] == "status_invalid" and "NumeroDemarche" in relay.rejected()[0]["message"]
     drop(relay, "A-1-UNKNOWN1", "recu", name="with-demarche.xml", raw=write_status_file(
-        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="RCO")))
+        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="recensementCitoyen")))
     (retour,) = wait_received(platform, 1)
-    assert retour.kind == "Retour" and retour.retour.numero == "A-1-UNKNOWN1" and retour.retour.demarche == "RCO"
+    assert retour.kind == "Retour" and retour.retour.numero == "A-1-UNKNOWN1" and retour.retour.demarche == "recensementCitoyen"
     assert_valid_against_schemas((platform.incoming / published(platform)[0]).read_bytes())
     # From then on the relay follows its states like any other dossier's.
     drop(relay, "A-1-UNKNOWN1", "recu", name="again.xml", raw=write_status_file(
-        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="RCO", comment="encore")))
+        StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="recensementCitoyen", comment="encore")))
     wait_for(lambda: len(relay.rejected()) == 2, what="the second refusal")
     assert relay.rejected()[1]["code"] == "transition_invalid"

@@ -184,7 +184,7 @@ def test_sample_without_scans_has_no_piece_jointe(envelope_schema: etree.XMLSche
 
 @pytest.mark.parametrize(
     ("kind", "expected_error"),
-    [("wrong-root", "Facture"), ("envelope-incomplete", "Routage")],
+    [("wrong-root", "Facture")],
 )
 def test_broken_envelope_does_not_validate(kind: str, expected_error: str, envelope_schema: etree.XMLSchema) -> None:
     data = _message_of(build_broken(kind, SPECS["RCO"]))
@@ -202,7 +202,9 @@ ENVELOPE_KINDS = ("wrong-root", "envelope-incomplete", "bad-numero", "unknown-de
 # schema (which describes structure, not relayd's policy on values) accepts it, while
 # read_envelope refuses the number's format. This is the one expected disagreement here, and it
 # goes one way only: relayd is stricter.
-SCHEMA_VALID_BUT_REFUSED = {"bad-numero": Reason.DOSSIER_NUMBER_INVALID}
+# Likewise what routes a dossier (a CodeINSEE, or else the recipient's Siret, as in the DIA flow)
+# is relayd's policy: the schema admits an envelope with neither.
+SCHEMA_VALID_BUT_REFUSED = {"bad-numero": Reason.DOSSIER_NUMBER_INVALID, "envelope-incomplete": Reason.ENVELOPE_INVALID}
 
 
 def _cross_cases() -> list:
@@ -240,11 +242,19 @@ def test_cross_check_covers_both_outcomes(envelope_schema: etree.XMLSchema) -> N
     for kind in ("wrong-root", "envelope-incomplete", None):
         data = build_members(SPECS["RCO"])["message.xml"] if kind is None else _message_of(build_broken(kind, SPECS["RCO"]))
         outcomes.add((_valid(envelope_schema, _parse(data)), _relayd_reason(data)))
-    assert outcomes == {(True, None), (False, Reason.ENVELOPE_WRONG_ROOT), (False, Reason.ENVELOPE_INVALID)}
+    assert outcomes == {(True, None), (False, Reason.ENVELOPE_WRONG_ROOT), (True, Reason.ENVELOPE_INVALID)}
 
 
 # Edits of the real message.xml: what relayd tolerates, the schema must tolerate, and what relayd
 # needs, the schema must require. Each entry: (edit, schema accepts?, relayd's reason or None).
+
+
+def _both(*edits: Callable[[etree._Element], None]) -> Callable[[etree._Element], None]:
+    def edit(root: etree._Element) -> None:
+        for one in edits:
+            one(root)
+
+    return edit
 
 
 def _drop(*paths: str) -> Callable[[etree._Element], None]:
@@ -323,7 +333,8 @@ EDITS = [
     pytest.param(_drop("//m:NumeroDemarche"), False, Reason.ENVELOPE_INVALID, id="no-numero-demarche"),
     pytest.param(_drop("//m:NumeroTeledemarche"), False, Reason.ENVELOPE_INVALID, id="no-numero-teledemarche"),
     pytest.param(_drop("//m:Teledemarche"), False, Reason.ENVELOPE_INVALID, id="no-teledemarche"),
-    pytest.param(_drop("//m:Routage/m:Donnee"), False, Reason.ENVELOPE_INVALID, id="no-donnee"),
+    # Without CodeINSEE, relayd routes by the recipient's Siret, as the DIA flow is routed.
+    pytest.param(_drop("//m:Routage"), True, None, id="no-routage-routes-by-siret"),
     pytest.param(_drop("//m:Donnee/m:Valeur"), False, Reason.ENVELOPE_INVALID, id="no-valeur"),
     pytest.param(_drop("//m:Donnee/m:Id"), False, Reason.ENVELOPE_INVALID, id="no-id"),
     pytest.param(_drop("//m:Document"), False, Reason.ENVELOPE_INVALID, id="no-document"),
@@ -332,9 +343,13 @@ EDITS = [
     pytest.param(_drop("//m:PieceJointe/m:Fichier"), False, Reason.ENVELOPE_INVALID, id="no-fichier"),
     pytest.param(_drop("//ns2:Content"), False, Reason.ENVELOPE_INVALID, id="no-content"),
     # Known differences, each one way. XSD 1.0 cannot say "some Donnee has Id CodeINSEE and a
-    # non-empty Valeur": relayd is stricter.
-    pytest.param(_set_text("//m:Donnee/m:Id", "CodePostal"), True, Reason.ENVELOPE_INVALID, id="gap-no-codeinsee"),
-    pytest.param(_set_text("//m:Donnee/m:Valeur", ""), True, Reason.ENVELOPE_INVALID, id="gap-empty-insee"),
+    # non-empty Valeur, or else the Recipient has a Siret": relayd is stricter.
+    pytest.param(_both(_set_text("//m:Donnee/m:Id", "CodePostal"), _drop("//ns2:Recipient//ns2:Siret")), True,
+                 Reason.ENVELOPE_INVALID, id="gap-no-codeinsee"),
+    pytest.param(_both(_set_text("//m:Donnee/m:Valeur", ""), _drop("//ns2:Recipient//ns2:Siret")), True,
+                 Reason.ENVELOPE_INVALID, id="gap-empty-insee"),
+    pytest.param(_drop("//m:Routage/m:Donnee", "//ns2:Recipient//ns2:Siret"), True, Reason.ENVELOPE_INVALID,
+                 id="gap-nothing-to-route-by"),
     # The number's format is relayd's check (see bad-numero above): relayd is stricter.
     pytest.param(_set_text("//m:NumeroTeledemarche", "B-12-xyz"), True, Reason.DOSSIER_NUMBER_INVALID,
                  id="gap-numero-format"),

@@ -19,7 +19,9 @@ from relayd.testkit.broken import BROKEN_KINDS
 from relayd.testkit.push import PushResult, push_files
 from test_broken_packages import SMALL_LIMITS
 
-FILENAME_RE = re.compile(r"^RitaGS\.\d{4}-\d\d-\d\dT\d\d_\d\d_\d\d\.\d{9}\.(A-\d-[A-Z0-9]{8,9})-(ILE|RCO)-2\.ADER\.ftp\.zip$")
+FILENAME_RE = re.compile(
+    r"^RitaGS\.\d{4}-\d\d-\d\dT\d\d_\d\d_\d\d\.\d{9}\.(A-\d-[A-Z0-9]{8,9})-(ILE|recensementCitoyen)-2\.ADER\.ftp\.zip$"
+)
 SECRET_FREE_ENV = {k: v for k, v in os.environ.items() if k != "RELAYD_PUSH_PASSWORD"}
 
 
@@ -92,7 +94,7 @@ def test_sample_is_deterministic_and_lands_in_the_chosen_commune(make_relay, tmp
 
 
 def test_sample_subprocess_prints_what_it_wrote(tmp_path):
-    result = relayd("testkit", "sample", "--demarche", "RCO", "--count", "2", "--seed", "7", "--out", str(tmp_path))
+    result = relayd("testkit", "sample", "--demarche", "recensementCitoyen", "--count", "2", "--seed", "7", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     printed = [Path(line) for line in result.stdout.splitlines()]
     assert sorted(printed) == sorted(tmp_path.glob("*.zip")) and len(printed) == 2
@@ -128,7 +130,7 @@ def test_unknown_broken_kind_exits_2_with_the_known_kinds(tmp_path):
 def test_acceptance_200_packages_with_4_connections(demo, tmp_path):
     out = tmp_path / "packages"
     seed = 100
-    for demarche in ("ILE", "RCO"):
+    for demarche in ("ILE", "recensementCitoyen"):
         for insee in ("90017", "75056"):
             seed += 1
             sample(out, "--demarche", demarche, "--insee", insee, "--count", "50", "--seed", str(seed))

@@ -47,17 +47,17 @@ REAL_RCO_XML = REAL / "rco-10870-XML.xml"
 
 NUMERO_RE = re.compile(r"^A-\d-[A-Z0-9]{8,9}$")
 FILENAME_RE = re.compile(
-    r"^RitaGS\.\d{4}-\d\d-\d\dT\d\d_\d\d_\d\d\.\d{9}\.(A-\d-[A-Z0-9]{8,9})-([A-Z]+)-2\.ADER\.ftp\.zip$"
+    r"^RitaGS\.\d{4}-\d\d-\d\dT\d\d_\d\d_\d\d\.\d{9}\.(A-\d-[A-Z0-9]{8,9})-([A-Za-z0-9_.-]+?)-2\.ADER\.ftp\.zip$"
 )
 ENT_RE = re.compile(r"^.+-ent-\d+\.xml$")
 
 # The configuration the reference check plays (the relay tests use the same limits).
 MAX_PACKAGE = 2 * 1024 * 1024
-ACCEPTED_DEMARCHES = {"RCO", "ILE", "DAUA"}
+ACCEPTED_DEMARCHES = {"recensementCitoyen", "ILE", "DAUA"}
 KNOWN_INSEE = {"90017", "75056"}
 
 SPECS = {
-    "RCO": SampleSpec(),
+    "recensementCitoyen": SampleSpec(),
     "ILE": SampleSpec(numero="A-1-BEKJED12", demarche="ILE", insee="75056"),
     "DAUA": SampleSpec(numero="A-9-X3UGO4V7", demarche="DAUA"),
 }
@@ -190,10 +190,28 @@ def _issues(data: bytes, *, max_package: int | None = MAX_PACKAGE) -> set[Reason
     demarche = aller.findtext(f"{m}NumeroDemarche") if aller is not None else None
     numero = aller.findtext(f"{m}Teledemarche/{m}NumeroTeledemarche") if aller is not None else None
     insee = None
+    codes = 0
     if aller is not None:
         for donnee in aller.iterfind(f"{m}Routage/{m}Donnee"):
             if donnee.findtext(f"{m}Id") == "CodeINSEE":
                 insee = donnee.findtext(f"{m}Valeur")
+                codes += 1
+    p = f"{{{PEC_NS}}}"
+    if codes > 1 or len(root.findall(f"{p}Header/{p}Routing/{p}MessageId")) > 1:
+        issues.add(Reason.ENVELOPE_DUPLICATE_ELEMENT)
+    if any(b"http://www.w3.org/2001/XInclude" in body for name, body in contents.items() if name.endswith(".xml")):
+        issues.add(Reason.XML_XINCLUDE)
+    services = [s.text or "" for s in root.iterfind(f".//{p}AckTo//{p}Service")]
+    subjects = [s.text or "" for s in root.iterfind(f".//{p}Subject")]
+    if any("/" in v or ".." in v for v in services) or any("\n" in v or "\r" in v for v in subjects):
+        issues.add(Reason.ENVELOPE_UNSAFE_VALUE)
+    if aller is None and root.find(f"{{{PEC_NS}}}Body/{{{PEC_NS}}}Content") is not None:
+        return issues | {Reason.ENVELOPE_NOT_A_DOSSIER}
+    siret = root.findtext(f"{{{PEC_NS}}}Header/{{{PEC_NS}}}Routing/{{{PEC_NS}}}Recipients/{{{PEC_NS}}}Recipient/"
+                          f"{{{PEC_NS}}}Location/{{{PEC_NS}}}Siret")
+    if insee is None and siret and all((message_id, demarche, numero)):
+        insee = "via-siret"
+        issues.add(Reason.SIRET_UNKNOWN)  # no commune of the reference configuration declares a SIRET
     if not all((message_id, demarche, numero, insee)):
         return issues | {Reason.ENVELOPE_INVALID}
     assert numero is not None and demarche is not None and insee is not None
@@ -201,7 +219,7 @@ def _issues(data: bytes, *, max_package: int | None = MAX_PACKAGE) -> set[Reason
         issues.add(Reason.DOSSIER_NUMBER_INVALID)
     if demarche not in ACCEPTED_DEMARCHES:
         issues.add(Reason.DEMARCHE_NOT_ACCEPTED)
-    if insee not in KNOWN_INSEE:
+    if insee not in KNOWN_INSEE and insee != "via-siret":
         issues.add(Reason.INSEE_UNKNOWN)
 
     listed = set(_listed(root))
@@ -308,17 +326,17 @@ def test_message_xml_has_the_real_structure() -> None:
 
 
 def test_message_xml_namespaces_and_values() -> None:
-    spec = SPECS["RCO"]
+    spec = SPECS["recensementCitoyen"]
     root = _parse(build_members(spec)["message.xml"])
     p, m = f"{{{PEC_NS}}}", f"{{{METIER_NS}}}"
     routing = root.find(f"{p}Header/{p}Routing")
     assert routing.findtext(f"{p}MessageId") == spec.effective_message_id
     assert re.match(r"^A-9-ABCD1234 \d+ Principal 2019-04-03T16:26:40$", spec.effective_message_id)
-    assert routing.findtext(f"{p}FlowType") == "RCO"
+    assert routing.findtext(f"{p}FlowType") == "recensementCitoyen"
     assert [e.text for e in routing.iterfind(f"{p}AckType")] == ["AVL", "ANL"]
     assert routing.findtext(f"{p}AckRequired") == "true"
     subject = root.findtext(f"{p}Header/{p}Extras/{p}EmailConfiguration/{p}Subject")
-    assert subject == "RCO - A-9-ABCD1234 : dossier à traiter"
+    assert subject == "recensementCitoyen - A-9-ABCD1234 : dossier à traiter"
     aller = root.find(f"{p}Body/{p}Content/{p}Aller")
     assert all(child.tag.startswith(m) for child in aller.iterdescendants(etree.Element))
     assert aller.findtext(f"{m}Teledemarche/{m}NumeroTeledemarche") == spec.numero
@@ -375,7 +393,7 @@ def test_pdf_and_png_helpers() -> None:
 
 
 def test_no_scans_means_no_piece_jointe() -> None:
-    spec = replace(SPECS["RCO"], scans=0)
+    spec = replace(SPECS["recensementCitoyen"], scans=0)
     members = build_members(spec)
     assert not any("-pj-" in n for n in members)
     assert b"PieceJointe" not in members["message.xml"]
@@ -383,8 +401,8 @@ def test_no_scans_means_no_piece_jointe() -> None:
 
 
 def test_rco_data_xml_is_shaped_like_the_real_one() -> None:
-    spec = SPECS["RCO"]
-    data = build_members(spec)[doc_member_name(spec, "RecensementCitoyen", "xml")]
+    spec = SPECS["recensementCitoyen"]
+    data = build_members(spec)[doc_member_name(spec, "flux", "xml")]
     sample = _parse(data)
     real = etree.parse(str(REAL_RCO_XML), _safe_parser()).getroot()
     assert sample.tag == real.tag == "RecensementCitoyen"
@@ -398,7 +416,7 @@ def test_rco_data_xml_is_shaped_like_the_real_one() -> None:
 
 def test_ile_data_xml() -> None:
     spec = SPECS["ILE"]
-    sample = _parse(build_members(spec)[doc_member_name(spec, "InscriptionListeElectorale", "xml")])
+    sample = _parse(build_members(spec)[doc_member_name(spec, "flux", "xml")])
     assert sample.tag == "InscriptionListeElectorale"
     assert sample.nsmap == {}
     blocks = {c.tag for c in sample}
@@ -412,7 +430,7 @@ def test_other_demarches_have_no_data_xml() -> None:
 
 
 def test_determinism() -> None:
-    spec = SPECS["RCO"]
+    spec = SPECS["recensementCitoyen"]
     assert build_package(spec) == build_package(spec)
     assert build_package(spec, seed=3) == build_package(spec, seed=3)
     assert build_package(spec, seed=3) != build_package(spec)
@@ -423,7 +441,7 @@ def test_determinism() -> None:
 
 def test_password_depends_on_seed() -> None:
     def password(seed: int) -> str:
-        root = _parse(build_members(SPECS["RCO"], seed=seed)["message.xml"])
+        root = _parse(build_members(SPECS["recensementCitoyen"], seed=seed)["message.xml"])
         return next(str(e.text) for e in root.iter(f"{{{METIER_NS}}}MotDePasse"))
 
     assert password(0) == password(0)
@@ -431,7 +449,7 @@ def test_password_depends_on_seed() -> None:
 
 
 def test_derived_fields_follow_replace() -> None:
-    spec = replace(SPECS["RCO"], numero="A-2-QWERTY12")
+    spec = replace(SPECS["recensementCitoyen"], numero="A-2-QWERTY12")
     assert spec.effective_message_id.startswith("A-2-QWERTY12 ")
     assert SampleSpec(message_id="fixed").effective_message_id == "fixed"
 
@@ -442,7 +460,7 @@ def test_package_filename() -> None:
         match = FILENAME_RE.match(package_filename(spec))
         assert match, package_filename(spec)
         assert match.groups() == (spec.numero, demarche)
-    assert package_filename(SPECS["RCO"]).startswith("RitaGS.2019-04-03T16_26_40.175")
+    assert package_filename(SPECS["recensementCitoyen"]).startswith("RitaGS.2019-04-03T16_26_40.175")
 
 
 def test_random_numero() -> None:
@@ -537,7 +555,7 @@ def test_kinds_are_well_formed() -> None:
 
 @pytest.mark.parametrize("kind", sorted(BROKEN_KINDS))
 def test_broken_kind_is_wrong_in_exactly_the_claimed_way(kind: str) -> None:
-    data = build_broken(kind, SPECS["RCO"])
+    data = build_broken(kind, SPECS["recensementCitoyen"])
     assert _issues(data) == _expected_issues(kind)
 
 
@@ -549,11 +567,11 @@ def test_broken_kinds_work_for_other_demarches(kind: str) -> None:
 
 
 def _broken_zip(kind: str) -> zipfile.ZipFile:
-    return _zip(build_broken(kind, SPECS["RCO"]))
+    return _zip(build_broken(kind, SPECS["recensementCitoyen"]))
 
 
 def test_zip_level_kinds_in_detail() -> None:
-    spec = SPECS["RCO"]
+    spec = SPECS["recensementCitoyen"]
     recap = doc_member_name(spec, "recapPDF", "pdf")
     assert "../../evil.txt" in _broken_zip("zip-slip").namelist()
     assert "/etc/evil" in _broken_zip("absolute-path").namelist()
@@ -592,7 +610,7 @@ def test_bombs_in_detail() -> None:
     assert bomb.file_size >= 20 * 1024 * 1024
     assert bomb.file_size / bomb.compress_size > 500
 
-    spec = SPECS["RCO"]
+    spec = SPECS["recensementCitoyen"]
     outer = _broken_zip("nested-bomb")
     pj = outer.getinfo(pj_member_name(spec))
     assert pj.compress_type == zipfile.ZIP_STORED
@@ -616,7 +634,7 @@ def test_envelope_kinds_in_detail() -> None:
     incomplete = _parse(envelope("envelope-incomplete"))
     assert not any(_local(e) == "Routage" for e in incomplete.iter(etree.Element))
     # The rest of the envelope is untouched by the XML kinds.
-    valid = build_members(SPECS["RCO"])["message.xml"]
+    valid = build_members(SPECS["recensementCitoyen"])["message.xml"]
     assert envelope("doctype").replace(b'<!DOCTYPE ns2:Message [<!ENTITY plateforme "PSL_PART">]>', b"") == valid
 
 
@@ -640,7 +658,7 @@ def test_routing_kinds_in_detail() -> None:
 
 
 def test_oversized_is_a_valid_package_of_about_3_mib() -> None:
-    data = build_broken("oversized", SPECS["RCO"])
+    data = build_broken("oversized", SPECS["recensementCitoyen"])
     assert 3 * 1024 * 1024 - 4096 <= len(data) <= 3 * 1024 * 1024 + 4096
     assert _issues(data, max_package=None) == set()
     with _zip(data) as zf:

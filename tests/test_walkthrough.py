@@ -35,8 +35,8 @@ def test_the_walkthrough_works_as_written(demo, tmp_path):
     result = subprocess.run(["bash", "-c", script], cwd=root, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "A-9-K7Q2M4XT-RCO.zip" in out                                  # step 3: in the inbox
+    assert "A-9-K7Q2M4XT-recensementCitoyen.zip" in out                                  # step 3: in the inbox
     assert ".AVL." in out                                                  # step 3: the ack came back
     assert '<Etat code="recu">Dossier reçu par le service traitant</Etat>' in out   # step 4
-    assert "A-9-K7Q2M4XT-RCO-retour-1-attestation.pdf" in out             # step 5
+    assert "A-9-K7Q2M4XT-recensementCitoyen-retour-1-attestation.pdf" in out             # step 5
     assert '"code": "transition_invalid"' in out                          # step 6

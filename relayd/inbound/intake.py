@@ -27,6 +27,7 @@ from relayd.config import Config
 from relayd.events import NO_EVENTS, Events, PackageAccepted, PackageRejected
 from relayd.fsutil import ensure_dir, fsync_dir, link_or_copy, publish_file
 from relayd.inbound.handoff import hand_over
+from relayd.inbound.routing import route_commune
 from relayd.ledger import DuplicatePackage, Ledger, PackageRecord, utcnow
 from relayd.pec.envelope import Message
 from relayd.pec.package import Package, file_sha256, inspect_package
@@ -173,9 +174,8 @@ class Intake:
             return Outcome("error")
 
     def _route(self, package: Package, upload: Upload) -> None:
-        commune = self.config.commune(package.insee)
-        if commune is None:
-            raise Rejection(Reason.INSEE_UNKNOWN, f"no commune with INSEE code {package.insee} is configured here.")
+        commune = route_commune(self.config, package.message)
+        package.routed_insee = commune.insee
         account = self.config.account(upload.account)
         if account is None or package.insee not in account.communes:
             raise Rejection(

@@ -27,6 +27,11 @@ def wants_ack(routing: Routing, kind: str) -> bool:
     return routing.ack_required and (not types or kind in types)
 
 
+def sends_ack(config: Config, routing: Routing, kind: str) -> bool:
+    """Whether relayd sends this ack: the envelope asks for it and ``platform.acks`` allows it."""
+    return kind in config.ack_kinds and wants_ack(routing, kind)
+
+
 class Acknowledger:
     """The ack sink: queues AVL and ANL, and the automatic receipt where a commune wants one."""
 
@@ -58,10 +63,11 @@ class Acknowledger:
 
     def _ack(self, message: Message, kind: str, rejection: Rejection | None) -> None:
         routing = message.header.routing
-        if not wants_ack(routing, kind):
+        if not sends_ack(self.config, routing, kind):
             return
         if self.outbox.pending_ack(kind, message.message_id) is not None:
             return  # the platform resent before our ack left: one ack answers both
         numero = message.numero if NUMERO_PATTERN.match(message.numero) else None
-        reply = build_ack(routing, kind=kind, numero=numero, demarche=message.demarche, rejection=rejection)
+        reply = build_ack(routing, kind=kind, numero=numero, demarche=message.demarche, rejection=rejection,
+                          style=self.config.reply_style)
         self.outbox.enqueue(reply, Queued(kind=kind, numero=numero, ref_message_id=message.message_id, source="intake"))

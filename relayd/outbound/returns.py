@@ -354,14 +354,15 @@ class ReturnDrops:
         routing = self.routing_of(dossier)
         if drop.forwarded is not None:
             reply = ReplyPackage(
-                message_id=_forwarded_message_id(drop.forwarded), kind="Retour", data=drop.forwarded,
+                message_id=_forwarded_message_id(drop.forwarded, dossier["message_id"], drop.sha256), kind="Retour",
+                data=drop.forwarded,
                 name=_forwarded_name(drop, dossier["demarche"]),
             )
         else:
             attachments = [Attachment(name=name, data=data, media_type=check_attachment(name, data, self.config.returns),
                                       title=title) for name, title, data in drop.attachments]
             reply = build_retour(routing, numero=drop.numero, demarche=dossier["demarche"], state=drop.state,
-                                 comment=drop.comment, attachments=attachments)
+                                 comment=drop.comment, attachments=attachments, style=self.config.reply_style)
         return self.queue_retour(reply, dossier["numero"], drop.state, ref_message_id=dossier["message_id"] or None,
                                  source_sha256=drop.sha256, source=drop.path.name)
 
@@ -407,7 +408,7 @@ class ReturnDrops:
         if dossier is None or dossier["state"] != "transmis" or dossier["requested_state"] is not None:
             return None
         reply = build_retour(self.routing_of(dossier), numero=numero, demarche=dossier["demarche"],
-                             state="recu", comment=None, attachments=[])
+                             state="recu", comment=None, attachments=[], style=self.config.reply_style)
         try:
             return self.queue_retour(reply, numero, "recu", ref_message_id=dossier["message_id"],
                                      source_sha256=None, source="auto_receipt")
@@ -493,8 +494,14 @@ def _routing_for_unknown(numero: str, demarche: str, commune: Commune) -> Routin
     )
 
 
-def _forwarded_message_id(data: bytes) -> str:
-    return read_reply(data).message_id
+def _forwarded_message_id(data: bytes, answered: str | None, sha256: str) -> str:
+    """The outbox's key for a forwarded package: its MessageId, unless it is the answered Aller's.
+
+    A package built as the real replier builds it (``platform.reply_style: mirror``) keeps the
+    Aller's MessageId, as every reply to that dossier does: its key is made unique by its content.
+    """
+    message_id = read_reply(data).message_id
+    return f"{message_id} Retour {sha256[:12]}" if answered and message_id == answered else message_id
 
 
 def _forwarded_name(drop: _Drop, demarche: str) -> str:

@@ -60,6 +60,8 @@ class Package:
     members: list[MemberInfo]
     #: member name of each nested zip -> the files inside it
     nested: dict[str, list[MemberInfo]] = field(default_factory=dict)
+    #: the commune's INSEE code once intake routed the dossier (by CodeINSEE or by SIRET)
+    routed_insee: str | None = None
 
     @property
     def numero(self) -> str:
@@ -71,7 +73,8 @@ class Package:
 
     @property
     def insee(self) -> str:
-        return self.message.insee or ""
+        """The commune's INSEE code: as routed, else as the envelope's CodeINSEE says."""
+        return self.routed_insee or self.message.insee or ""
 
     @property
     def message_id(self) -> str:

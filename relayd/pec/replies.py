@@ -4,10 +4,16 @@ Both formats live here and only here, so that the official specification, should
 published, replaces this module and ``schemas/relayd-accuse.xsd`` / ``schemas/relayd-retour.xsd``
 without touching the rest of relayd (docs/domain.md §4).
 
-- The **envelope** is the platform's PEC ``message.xml``, written as the platform writes it
-  (prefix ``ns2``, ``xsi:type="ns2:Location_FR"``), with Sender and Recipient swapped against
-  the message being answered (:func:`reply_routing`). It never carries ``Extras`` (the agents'
-  notification e-mail) nor anything from ``Aller`` (so never a ``MotDePasse``).
+- The **envelope** is the platform's PEC ``message.xml``. Its ``Routing`` is a copy of the
+  message being answered, as the one real replier found does it (docs/formats.md): every
+  element kept (``FlowType``, ``ConversationId``, ``WriteMode``, ``Attention``, elements relayd
+  does not know), Sender and Recipient swapped (the Recipient is the ``AckTo`` when there is
+  one), and no ack asked for in return (``AckRequired`` false, no ``AckType`` nor ``AckTo``).
+  Its ``MessageId`` is the original's under ``platform.reply_style: mirror`` (the default, as
+  the real replier), or one of relayd's own under ``relayd``; either way the body names the
+  original in ``MessageIdOrigine``, and the package's file name is what is unique. It never
+  carries ``Extras`` (the agents' notification e-mail) nor anything from ``Aller`` (so never a
+  ``MotDePasse``).
 - The **bodies** are ours, versioned by namespace and by a ``version="1"`` attribute::
 
     <Accuse xmlns="urn:relayd:pec:accuse:1" version="1">
@@ -48,6 +54,7 @@ the same bytes, name and MessageId, so a reply resent after a crash is recognisa
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -65,7 +72,7 @@ from pydantic import ConfigDict, ValidationError, field_serializer, field_valida
 from pydantic_xml import BaseXmlModel, attr, element
 
 from relayd.ledger import STATE_LABELS
-from relayd.pec.envelope import NS_PEC, NUMERO_PATTERN, Party, Recipients, Routing
+from relayd.pec.envelope import KNOWN_PEC_ELEMENTS, NS_PEC, NUMERO_PATTERN, Party, Recipients, Routing
 from relayd.pec.package import ENVELOPE_NAME
 from relayd.pec.status import describe_element, explain_schema_errors, explain_validation_error
 from relayd.pec.xml import XML_UNSAFE_CHARS, free_text, load_schema, parse_xml
@@ -94,6 +101,8 @@ REPLY_LIMITS = PackageLimits(
 )
 
 ReplyKind = Literal["AVL", "ANL", "Retour"]
+#: ``mirror``: the reply's MessageId is the original's (the real replier); ``relayd``: one of relayd's.
+ReplyStyle = Literal["mirror", "relayd"]
 
 _DEMARCHE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _MEMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,199}")
@@ -104,7 +113,7 @@ _XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
 
 #: What a value must look like, per element, for the messages of :func:`read_reply`.
 REPLY_HINTS = {
-    "NumeroTeledemarche": "must be of the form A-<digit>-<8 or 9 letters or digits>",
+    "NumeroTeledemarche": "must be of the form A-<digit>-<6 to 12 letters or digits>",
     "NumeroDemarche": "must be a démarche code (letters, digits, '.', '_' or '-', at most 64)",
     "Fichier": "must be a member name of letters, digits, '.', '_' and '-', starting with a letter or a digit",
     "TypeMime": "must be a media type such as application/pdf",
@@ -134,12 +143,18 @@ class Attachment:
 
 @dataclass(frozen=True)
 class ReplyPackage:
-    """A reply ready to publish on the platform's server under ``name``."""
+    """A reply ready to publish on the platform's server under ``name``.
+
+    ``message_id`` is relayd's own identifier of this reply, unique (the outbox keys by it, and
+    its token is in ``name``); ``envelope_message_id`` is what the envelope's MessageId says,
+    which under the ``mirror`` style is the answered message's (None: the same as ``message_id``).
+    """
 
     message_id: str
     name: str
     kind: str
     data: bytes
+    envelope_message_id: str | None = None
 
 
 # ----------------------------------------------------------------------------- body models
@@ -340,9 +355,9 @@ def reply_routing(original: Routing, *, message_id: str) -> Routing:
     """The Routing of a reply to ``original``: Sender and Recipient swapped.
 
     The new Sender is the original's first Recipient (the commune's service); the new Recipient
-    is the original's ``AckTo`` when present, else its Sender. The FlowType is kept; the reply
-    asks for no ack. Raises ``Rejection(envelope_invalid)`` when the original names no one to
-    answer from or to.
+    is the original's ``AckTo`` when present, else its Sender. The FlowType, ConversationId and
+    WriteMode are kept (and each party's Attention with it); the reply asks for no ack. Raises
+    ``Rejection(envelope_invalid)`` when the original names no one to answer from or to.
     """
     recipients = original.recipients.recipients if original.recipients else []
     if not recipients:
@@ -358,7 +373,87 @@ def reply_routing(original: Routing, *, message_id: str) -> Routing:
         ack_required=False,
         ack_types=[],
         ack_to=None,
+        conversation_id=original.conversation_id,
+        write_mode=original.write_mode,
     )
+
+
+def reply_routing_element(original: Routing, *, message_id: str) -> etree._Element:
+    """The ``Routing`` element of a reply: the original's as received, Sender and Recipient swapped.
+
+    Works on the element the platform sent (``Routing.source``), so that everything in it,
+    known to relayd or not, goes back as it came: only ``MessageId`` is set, the Sender becomes
+    the original's Recipient, the Recipient its ``AckTo`` (else its Sender), and the reply asks
+    for no ack. A Routing built by relayd (no source) is written from the model. Raises
+    ``Rejection(envelope_invalid)`` as :func:`reply_routing` does.
+    """
+    swapped = reply_routing(original, message_id=message_id)  # checks there is someone to answer
+    source = original.source
+    if source is None:
+        return _routing_element(swapped)
+    message = source.find(_pec("MessageId"))
+    if message is None:
+        message = etree.Element(_pec("MessageId"))
+        source.insert(0, message)
+    message.text = message_id
+    sender = source.find(_pec("Sender"))
+    recipients = source.find(_pec("Recipients"))
+    recipient = recipients.find(_pec("Recipient")) if recipients is not None else None
+    ack_to = source.find(_pec("AckTo"))
+    back_to = ack_to if ack_to is not None else sender
+    assert recipient is not None and back_to is not None  # reply_routing checked both
+    new_sender = _renamed(recipient, "Sender")
+    new_recipient = _renamed(back_to, "Recipient")
+    if sender is not None:
+        source.replace(sender, new_sender)
+    else:
+        source.insert(source.index(message) + 1, new_sender)
+    recipients.replace(recipient, new_recipient)  # type: ignore[union-attr]
+    for extra in recipients.findall(_pec("Recipient"))[1:]:  # type: ignore[union-attr]
+        recipients.remove(extra)  # type: ignore[union-attr]
+    for el in source.findall(_pec("AckType")) + source.findall(_pec("AckTo")):
+        source.remove(el)
+    required = source.find(_pec("AckRequired"))
+    if required is None:
+        required = etree.Element(_pec("AckRequired"))
+        source.insert(source.index(recipients) + 1, required)
+    required.text = "false"
+    # An element of the envelope's namespace that relayd does not know was tolerated on the way
+    # in; the schema that every reply passes cannot admit it (XSD 1.0 determinism), so it stays out.
+    for el in list(source.iter()):
+        if isinstance(el.tag, str) and etree.QName(el).namespace == NS_PEC and etree.QName(el).localname not in KNOWN_PEC_ELEMENTS:
+            el.getparent().remove(el)  # type: ignore[union-attr]
+    return source
+
+
+def _renamed(party: etree._Element, tag: str) -> etree._Element:
+    """A deep copy of ``party``'s children under a new ``tag``, as the real replier swaps them."""
+    out = etree.Element(_pec(tag), nsmap=party.nsmap)
+    out.text, out.tail = party.text, party.tail
+    for child in party:
+        out.append(copy.deepcopy(child))
+    return out
+
+
+def _routing_element(routing: Routing) -> etree._Element:
+    """A Routing relayd knows only as a model, written in the platform's order."""
+    el = etree.Element(_pec("Routing"), nsmap={"ns2": NS_PEC})
+    _text(el, "MessageId", routing.message_id)
+    _text(el, "FlowType", routing.flow_type)
+    _text(el, "ConversationId", routing.conversation_id)
+    _text(el, "WriteMode", routing.write_mode)
+    if routing.sender is not None:
+        _party(el, "Sender", routing.sender)
+    if routing.recipients is not None:
+        recipients = etree.SubElement(el, _pec("Recipients"))
+        for recipient in routing.recipients.recipients:
+            _party(recipients, "Recipient", recipient)
+    _text(el, "AckRequired", "true" if routing.ack_required else "false")
+    for ack_type in routing.ack_types:
+        _text(el, "AckType", ack_type)
+    if routing.ack_to is not None:
+        _party(el, "AckTo", routing.ack_to)
+    return el
 
 
 def build_ack(
@@ -369,8 +464,11 @@ def build_ack(
     demarche: str | None,
     rejection: Rejection | None = None,
     now: datetime | None = None,
+    style: ReplyStyle = "mirror",
 ) -> ReplyPackage:
     """The ack of the message routed by ``original``: AVL, or ANL with ``rejection``'s code and sentence.
+
+    ``style`` says which MessageId the envelope carries (see :data:`ReplyStyle`).
 
     ``numero`` and ``demarche`` are named when known and well formed; a malformed one (the very
     reason of some ANLs) is left out, and the Motif says why. Raises ``ValueError`` for an ANL
@@ -387,15 +485,17 @@ def build_ack(
     demarche = demarche.strip() if demarche and _DEMARCHE.fullmatch(demarche.strip()) else None
     code = rejection.reason.value if rejection else None
     motif = _motif(rejection.detail) if rejection else None
-    token = _token("ack", origin, kind, numero, demarche, code, motif, moment.isoformat())
+    token = _token("ack", origin, kind, numero, demarche, code, motif, moment.isoformat(), style)
     message_id = new_message_id(numero, kind, moment, token=token)
+    envelope_id = _envelope_message_id(style, origin, message_id)
     body = AckBody(kind=kind, message_id_origine=origin, numero=numero, demarche=demarche, date=moment, code=code, motif=motif)
-    message = _message_xml(reply_routing(original, message_id=message_id), body, moment)
+    message = _message_xml(reply_routing_element(original, message_id=envelope_id), body, moment)
     return ReplyPackage(
         message_id=message_id,
         name=_package_name(moment, numero, demarche, kind, token),
         kind=kind,
         data=_zip([(ENVELOPE_NAME, message)], moment),
+        envelope_message_id=envelope_id,
     )
 
 
@@ -408,6 +508,7 @@ def build_retour(
     comment: str | None,
     attachments: Sequence[Attachment],
     now: datetime | None = None,
+    style: ReplyStyle = "mirror",
 ) -> ReplyPackage:
     """The return flow of a dossier delivered by the Aller routed by ``original``.
 
@@ -449,15 +550,23 @@ def build_retour(
         attachments=pieces,
     )
     listing = [(p.file, p.media_type, p.size, p.sha256, p.title) for p in pieces]
-    token = _token("retour", origin, numero, demarche, state, body.comment, listing, moment.isoformat())
+    token = _token("retour", origin, numero, demarche, state, body.comment, listing, moment.isoformat(), style)
     message_id = new_message_id(numero, "Retour", moment, token=token)
-    message = _message_xml(reply_routing(original, message_id=message_id), body, moment)
+    envelope_id = _envelope_message_id(style, origin, message_id)
+    message = _message_xml(reply_routing_element(original, message_id=envelope_id), body, moment)
     return ReplyPackage(
         message_id=message_id,
         name=_package_name(moment, numero, demarche, "Retour", token),
         kind="Retour",
         data=_zip([(ENVELOPE_NAME, message), *members], moment),
+        envelope_message_id=envelope_id,
     )
+
+
+def _envelope_message_id(style: ReplyStyle, origin: str, own: str) -> str:
+    if style not in ("mirror", "relayd"):
+        raise ValueError(f"a reply style is mirror or relayd, not {style!r}")
+    return origin if style == "mirror" else own
 
 
 def retour_member_name(numero: str, demarche: str, index: int, name: str) -> str:
@@ -527,30 +636,31 @@ def _party(parent: etree._Element, tag: str, party: Party) -> None:
         _text(location, "Siret", party.location.siret)
         _text(location, "Service", party.location.service)
         _text(location, "Guichet", party.location.guichet)
+    _text(el, "Attention", party.attention)
 
 
-def _message_xml(routing: Routing, body: AckBody | RetourBody, moment: datetime) -> bytes:
-    """The PEC envelope around ``body``, checked against the schemas before it leaves."""
-    root = etree.Element(_pec("Message"), nsmap={"ns2": NS_PEC})
+def _message_xml(routing: etree._Element, body: AckBody | RetourBody, moment: datetime) -> bytes:
+    """The PEC envelope around ``routing`` and ``body``, checked against the schemas before it leaves."""
+    # The reply speaks with the prefix of the envelope it answers (ns2 in DAUA, pec in DIA), so
+    # that the copied xsi:type="<prefix>:Location_FR" values still resolve.
+    prefix = routing.prefix if routing.prefix and etree.QName(routing).namespace == NS_PEC else "ns2"
+    root = etree.Element(_pec("Message"), nsmap={prefix: NS_PEC})
     header = etree.SubElement(root, _pec("Header"))
-    el = etree.SubElement(header, _pec("Routing"))
-    _text(el, "MessageId", routing.message_id)
-    _text(el, "FlowType", routing.flow_type)
-    if routing.sender is not None:
-        _party(el, "Sender", routing.sender)
-    if routing.recipients is not None:
-        recipients = etree.SubElement(el, _pec("Recipients"))
-        for recipient in routing.recipients.recipients:
-            _party(recipients, "Recipient", recipient)
-    _text(el, "AckRequired", "true" if routing.ack_required else "false")
-    for ack_type in routing.ack_types:
-        _text(el, "AckType", ack_type)
-    if routing.ack_to is not None:
-        _party(el, "AckTo", routing.ack_to)
+    routing.tail = None
+    for el in routing.iter():
+        # An xsi:type names a type by prefix: make it name it by the reply's prefix.
+        kind = el.get(f"{{{XSI_NS}}}type") if isinstance(el.tag, str) else None
+        if kind and ":" in kind and el.nsmap.get(kind.split(":", 1)[0]) == NS_PEC:
+            el.set(f"{{{XSI_NS}}}type", f"{prefix}:{kind.split(':', 1)[1]}")
+        elif kind and ":" not in kind and el.nsmap.get(None) == NS_PEC:
+            el.set(f"{{{XSI_NS}}}type", f"{prefix}:{kind}")
+    header.append(routing)
     security = etree.SubElement(header, _pec("Security"))
     _text(security, "DateTime", moment.isoformat(timespec="milliseconds"))
     content = etree.SubElement(etree.SubElement(root, _pec("Body")), _pec("Content"))
     content.append(body.to_xml_tree(skip_empty=True))
+    # The copied Routing may declare the business namespace it no longer uses; keep what xsi:type names.
+    etree.cleanup_namespaces(root, keep_ns_prefixes=[prefix, "xsi"])
     data = _XML_DECLARATION + etree.tostring(root, encoding="UTF-8", xml_declaration=False, pretty_print=True)
     problems = explain_schema_errors(load_schema(ENVELOPE_XSD), etree.fromstring(data), hints=REPLY_HINTS)
     if problems:

@@ -16,7 +16,7 @@ Outline (order matters, every element is in the ``urn:relayd:statut:1`` namespac
         <Fichier>attestation.pdf</Fichier>                 a plain file name
         <Intitule>Attestation de recensement</Intitule>    0..1
       </PieceJointe>
-      <NumeroDemarche>RCO</NumeroDemarche>                 0..1, for returns on unknown dossiers
+      <NumeroDemarche>recensementCitoyen</NumeroDemarche>  0..1, for returns on unknown dossiers
       <CodeINSEE>75056</CodeINSEE>                         0..1, for returns on unknown dossiers
     </Statut>
 """
@@ -103,7 +103,7 @@ class StatusFile(_Statut, tag="Statut"):
     @classmethod
     def _numero(cls, value: str) -> str:
         if not NUMERO_PATTERN.match(value):
-            raise ValueError(f"NumeroTeledemarche {_quote(value)} is not of the form A-<digit>-<8 or 9 letters or digits>")
+            raise ValueError(f"NumeroTeledemarche {_quote(value)} is not of the form {NUMERO_PATTERN.described}")
         return value
 
     @field_validator("comment")
@@ -157,7 +157,7 @@ def read_status_file(data: bytes, *, max_bytes: int) -> StatusFile:
         raise Rejection(
             Reason.DOSSIER_NUMBER_INVALID,
             f"line {numero.sourceline}: NumeroTeledemarche {_quote((numero.text or '').strip())} "
-            "is not of the form A-<digit>-<8 or 9 letters or digits>.",
+            f"is not of the form {NUMERO_PATTERN.described}.",
         )
     try:
         return StatusFile.from_xml_tree(root)

@@ -450,7 +450,8 @@ def _envelope_incomplete(spec: SampleSpec) -> bytes:
     def drop_routage(xml: str) -> str:
         start = xml.index("<Routage>")
         end = xml.index("</Routage>") + len("</Routage>")
-        return xml[:start] + xml[end:]
+        # Without CodeINSEE relayd routes by the recipient's SIRET: drop that too, so nothing routes.
+        return (xml[:start] + xml[end:]).replace(f"<ns2:Siret>{spec.recipient_siret}</ns2:Siret>", "")
 
     return _with_envelope(spec, drop_routage)
 
@@ -825,7 +826,7 @@ BROKEN_KINDS: dict[str, BrokenKind] = _kinds(
     BrokenKind(
         "envelope-incomplete",
         Reason.ENVELOPE_INVALID,
-        "message.xml's Aller has no Routage, so no INSEE code.",
+        "message.xml's Aller has no Routage (no INSEE code) and its Recipient no Siret: nothing to route by.",
         _envelope_incomplete,
     ),
     BrokenKind(
@@ -927,3 +928,28 @@ def build_broken(kind: str, spec: SampleSpec) -> bytes:
     except KeyError:
         raise KeyError(f"unknown broken kind {kind!r}; known: {', '.join(sorted(BROKEN_KINDS))}") from None
     return broken.build(spec)
+
+
+# --------------------------------------------------------------------------- envelope meaning
+# Kinds of relayd/testkit/broken_envelope.py (real-world fidelity): one thing said twice, an unsafe
+# value, XInclude. Kept apart so that the zip-level kinds above and these evolve separately.
+
+from relayd.testkit import broken_envelope as _env  # noqa: E402 - registered after the kinds above
+
+for _kind in (
+    BrokenKind("duplicate-codeinsee", Reason.ENVELOPE_DUPLICATE_ELEMENT,
+               "Routage holds two Donnee CodeINSEE, for two communes.", _env.duplicate_codeinsee),
+    BrokenKind("duplicate-message-id", Reason.ENVELOPE_DUPLICATE_ELEMENT,
+               "Routing holds two MessageId.", _env.duplicate_message_id),
+    BrokenKind("xinclude", Reason.XML_XINCLUDE,
+               "The -ent- business header pulls /etc/passwd in through xi:include.", _env.xinclude_ent),
+    BrokenKind("path-ackto", Reason.ENVELOPE_UNSAFE_VALUE,
+               "AckTo's Service is the path ../../../etc/cron.d/x.", _env.path_ack_to),
+    BrokenKind("subject-injection", Reason.ENVELOPE_UNSAFE_VALUE,
+               "The notification Subject carries a line break and a Bcc: header.", _env.subject_header_injection),
+    BrokenKind("siret-unknown", Reason.SIRET_UNKNOWN,
+               f"No CodeINSEE, and the recipient's SIRET {_env.STRAY_SIRET} is no commune's.", _env.siret_unknown),
+    BrokenKind("not-a-dossier", Reason.ENVELOPE_NOT_A_DOSSIER,
+               "message.xml is shaped like the DIA flow's: an opaque Content, no Aller.", _env.not_a_dossier),
+):
+    BROKEN_KINDS[_kind.name] = _kind

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from relayd.testkit.broken import BROKEN_KINDS, build_broken
-from relayd.testkit.samples import SampleSpec, build_package, package_filename, random_numero
+from relayd.testkit.samples import CENSUS, DEMARCHES, ILE_CODE, SampleSpec, build_package, package_filename, random_numero
 
 __all__ = ["register", "run", "write_samples"]
 
@@ -92,7 +92,12 @@ def _register_sample(testkit_sub: argparse._SubParsersAction) -> None:
                     "always gives byte-identical files. With --broken KIND, each package is wrong in the "
                     "one way that KIND names (see --list-broken).",
     )
-    p.add_argument("--demarche", type=str.upper, choices=["ILE", "RCO"], default="RCO", help="the démarche (default RCO)")
+    p.add_argument("--demarche", type=_demarche_code, default=CENSUS, metavar="CODE",
+                   help=f"the démarche code, exactly as the platform spells it (default {CENSUS}); real codes: "
+                        f"{', '.join(d for d in DEMARCHES if d != ILE_CODE)}; {ILE_CODE} is a placeholder, the real code is unknown")
+    p.add_argument("--layout", choices=["nested", "plain"], default="nested",
+                   help="attachments in one nested -pj- zip (as in the DAUA package, the default), "
+                        "or as plain files -ji-0.pdf, -jf-1.pdf... (as in DILA's data)")
     p.add_argument("--count", type=_positive_int, default=1, metavar="N", help="how many packages (default 1)")
     p.add_argument("--insee", default="90017", metavar="CODE", help="the commune's INSEE code in the routing (default 90017)")
     p.add_argument("--seed", type=int, metavar="S", help="make the output reproducible (default: a random seed, printed on stderr); "
@@ -102,6 +107,13 @@ def _register_sample(testkit_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-broken", action="store_true", help="list the broken kinds with their reason codes, and exit")
     p.add_argument("--json", action="store_true", help="with --list-broken: a JSON list for programs")
     p.set_defaults(testkit_run=_run_sample)
+
+
+def _demarche_code(text: str) -> str:
+    # Matching is exact on the relay, so the code is taken as typed: no case folding.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"not a démarche code (letters, digits, '.', '_', '-'): {text!r}")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -117,11 +129,12 @@ def _positive_int(text: str) -> int:
 def write_samples(
     out: Path,
     *,
-    demarche: str = "RCO",
+    demarche: str = CENSUS,
     count: int = 1,
     insee: str = "90017",
     seed: int = 0,
     broken: str | None = None,
+    layout: str = "nested",
 ) -> list[Path]:
     """Write ``count`` packages (valid, or of broken kind ``broken``) into ``out``; return their paths.
 
@@ -142,7 +155,8 @@ def write_samples(
         if numero in numeros:  # one dossier per number, or the relay would see a conflict
             continue
         numeros.add(numero)
-        spec = SampleSpec(numero=numero, demarche=demarche, insee=insee, deposit=deposit)
+        spec = SampleSpec(numero=numero, demarche=demarche, insee=insee, deposit=deposit,
+                          layout="plain" if layout == "plain" else "nested")
         if broken is None:
             data, name = build_package(spec, seed=package_seed), package_filename(spec)
         else:
@@ -175,7 +189,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     try:
         written = write_samples(args.out, demarche=args.demarche, count=args.count, insee=args.insee,
-                                seed=seed, broken=args.broken)
+                                seed=seed, broken=args.broken, layout=args.layout)
     except OSError as exc:
         print(f"relayd testkit sample: cannot write into {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ from relayd.pec.replies import Reply, read_reply
 from relayd.pec.zipcheck import PackageLimits
 from relayd.rejections import Rejection
 from relayd.testkit.broken import BROKEN_KINDS, build_broken
-from relayd.testkit.samples import SampleSpec, build_package, package_filename, random_numero
+from relayd.testkit.samples import CENSUS, SampleSpec, build_package, package_filename, random_numero
 
 log = structlog.get_logger("relayd.testkit.platform")
 
@@ -181,6 +181,10 @@ class Sent:
     sender: dict[str, Any] = field(default_factory=dict)
     recipient: dict[str, Any] = field(default_factory=dict)
     ack_to: dict[str, Any] | None = None
+    #: what identifies the conversation, which every reply must keep
+    flow_type: str | None = None
+    conversation_id: str | None = None
+    write_mode: str | None = None
 
 
 def generate(folder: Path, *, count: int, demarches: Sequence[str], insees: Sequence[str], seed: int,
@@ -192,7 +196,11 @@ def generate(folder: Path, *, count: int, demarches: Sequence[str], insees: Sequ
     plan = [(demarches[i % len(demarches)], insees[i % len(insees)], None) for i in range(count)]
     plan += [(demarches[0], insees[0], kind) for kind in broken]
     for i, (demarche, insee, kind) in enumerate(plan):
-        spec = SampleSpec(numero=random_numero(rng), demarche=demarche, insee=insee)
+        # Every other valid package comes in the DIA flow's envelope, with plain-file attachments,
+        # so that replies are checked against both real shapes.
+        other = kind is None and i % 2 == 1
+        spec = SampleSpec(numero=random_numero(rng), demarche=demarche, insee=insee,
+                          envelope="dia" if other else "daua", layout="plain" if other else "nested")
         data = build_broken(kind, spec) if kind else build_package(spec, seed=seed + i)
         path = folder / (f"{kind}.{package_filename(spec)}" if kind else package_filename(spec))
         path.write_bytes(data)
@@ -217,6 +225,7 @@ def _expectation(path: Path, spec: SampleSpec, kind: str | None) -> Sent:
         sent.sender = _party(routing.sender)
         sent.recipient = _party(routing.recipients.recipients[0]) if routing.recipients else {}
         sent.ack_to = _party(routing.ack_to) if routing.ack_to else None
+        sent.flow_type, sent.conversation_id, sent.write_mode = routing.flow_type, routing.conversation_id, routing.write_mode
         wanted = {t.upper() for t in routing.ack_types}
         if not routing.ack_required or (wanted and sent.expected_ack not in wanted):
             sent.expected_ack = None
@@ -312,6 +321,8 @@ def check_received(received: Path, sent: Sequence[Sent], *, since: float | None 
             if sent and numero not in by_numero:
                 report.unexpected.append(f"{path.name}: a Retour for {numero}, which this run did not send")
                 continue
+            if numero in by_numero:
+                _judge_conversation(path.name, reply, by_numero[numero], report)
             states[numero].append(reply.retour.state)
             report.retours[reply.retour.state] = report.retours.get(reply.retour.state, 0) + 1
     for s in sent:
@@ -356,6 +367,18 @@ def _judge_ack(name: str, reply: Reply, by_message: dict[str, Sent], acks: dict[
         report.invalid.append(f"{name}: its Sender is not the original Recipient")
     if to != [sent.ack_to or sent.sender]:
         report.invalid.append(f"{name}: its Recipient is not the original AckTo")
+    _judge_conversation(name, reply, sent, report)
+
+
+def _judge_conversation(name: str, reply: Reply, sent: Sent, report: Report) -> None:
+    """A reply keeps what the platform matches it by: FlowType, ConversationId, WriteMode (as the real replier)."""
+    routing = reply.routing
+    for label, theirs, ours in (("FlowType", sent.flow_type, routing.flow_type),
+                                ("ConversationId", sent.conversation_id, routing.conversation_id),
+                                ("WriteMode", sent.write_mode, routing.write_mode)):
+        if (theirs or "").strip() != (ours or "").strip():
+            what = "dropped" if theirs and not ours else f"changed to {(ours or '')[:60]!r}"
+            report.invalid.append(f"{name}: it {what} the {label} {(theirs or '')[:60]!r} of {sent.file}")
 
 
 def _replies(received: Path, since: float | None) -> list[Path]:
@@ -413,7 +436,8 @@ def register(testkit: argparse._SubParsersAction) -> None:
                    help="the return server also accepts the password in this file (for a relay configured with password_file)")
     p.add_argument("--serve", action="store_true", help="only run the return server, until interrupted")
     p.add_argument("--count", type=int, default=10, help="valid packages to push (0: only report on what is there)")
-    p.add_argument("--demarche", default="ILE,RCO", help="démarches, comma-separated, taken in turn")
+    p.add_argument("--demarche", default=f"{CENSUS},DAUA",
+                   help="démarche codes, exactly as the platform spells them, comma-separated, taken in turn")
     p.add_argument("--insee", help="INSEE codes, comma-separated, taken in turn (default: the demo's communes)")
     p.add_argument("--broken", action="append", default=[], help="also push this broken kind (repeatable; 'all' for every kind)")
     p.add_argument("--seed", type=int, default=None, help="make the packages reproducible")

@@ -1,9 +1,14 @@
 """Valid PEC packages (télédossiers) built to the real platform layout, for tests and testers.
 
-The layout copies the real package in ``fixtures/real/`` (see ``docs/domain.md`` section 3): a flat
-zip holding ``message.xml`` (the PEC envelope), ``<num>-<dem>-ent-2.xml`` (business header, not
-listed in the envelope), one ``-doc-<Code>-1-2.<ext>`` member per ``Document`` and one
-``-pj-<Code>-1-2.zip`` nested zip per ``PieceJointe``. Everything is deterministic for a given
+The layout copies the real package in ``fixtures/real/`` and DILA's test data (see
+``docs/formats.md``): a flat zip holding ``message.xml`` (the PEC envelope),
+``<num>-<dem>-ent-2.xml`` (business header, not listed in the envelope), one
+``-doc-<Code>-1-2.<ext>`` member per ``Document`` (the démarche's data XML is the Document coded
+``flux``: ``-doc-flux-1-2.xml``), and the attachments either as one ``-pj-<Code>-1-2.zip`` nested
+zip (``layout="nested"``, as in the DAUA package) or as plain files ``-<code>-<i>.<ext>``
+(``layout="plain"``: ``-ji-0.pdf``, ``-jf-1.pdf``, ``-an-0.pdf``, ``-anp-1.pdf``, as in DILA's
+data). Démarche codes are the real ones (``recensementCitoyen``, ``DAUA``, ``depotDossierPACS``...);
+the ILE code is not known and stays :data:`ILE_CODE`. Everything is deterministic for a given
 spec and seed, so a package's sha256 is stable across runs (idempotency tests rely on it).
 """
 
@@ -25,6 +30,9 @@ from typing import Literal, TypeAlias
 from xml.sax.saxutils import escape
 
 __all__ = [
+    "CENSUS",
+    "DEMARCHES",
+    "ILE_CODE",
     "METIER_NS",
     "PEC_NS",
     "SampleSpec",
@@ -36,7 +44,10 @@ __all__ = [
     "listed_members",
     "package_filename",
     "pdf_bytes",
+    "dia_conversation_id",
+    "dia_envelope",
     "pj_member_name",
+    "plain_member_name",
     "png_bytes",
     "random_numero",
     "scan_files",
@@ -77,14 +88,27 @@ L'équipe "Suivi des démarches en ligne"
 PS : ce message a été envoyé automatiquement. Merci de ne pas y répondre.
 """
 
-# The CERFA form of each démarche we know; any other démarche gets a generic form code.
+#: The census démarche's code on the platform (DILA's test data).
+CENSUS = "recensementCitoyen"
+#: The electoral-roll démarche's code: NOT KNOWN (no public material shows it). A placeholder;
+#: a commune lists the code the platform gives it.
+ILE_CODE = "ILE"
+#: The démarche codes seen in real material, and the placeholder for ILE. Matching is exact.
+DEMARCHES = (CENSUS, "DAUA", "depotDossierPACS", "certificat-non-pacs", "EtatCivil", "JeChangeDeCoordonnees", ILE_CODE)
+
+# The CERFA form's Document code per démarche ("12819-PDF" is real, for certificat-non-pacs;
+# "cerfa_13703_DPMI" is the DAUA package's); any other démarche gets a generic form code.
 _CERFA_CODES = {
-    "RCO": "cerfa_10870_07",
-    "ILE": "cerfa_12669_02",
+    CENSUS: "10870-PDF",
+    ILE_CODE: "12669-PDF",
     "DAUA": "cerfa_13703_DPMI",
+    "certificat-non-pacs": "12819-PDF",
+    "depotDossierPACS": "15725-PDF",
 }
-# Root element of the démarche data XML, also used as the Document Code of that member.
-_DATA_ROOTS = {"RCO": "RecensementCitoyen", "ILE": "InscriptionListeElectorale"}
+# The démarche data XML's Document is coded "flux", as in DILA's data.
+DATA_DOCUMENT_CODE = "flux"
+# Plain-file attachment codes seen in DILA's data, per démarche (others use "pj").
+_PLAIN_CODES = {CENSUS: ("ji", "jf"), "depotDossierPACS": ("an", "anp"), "certificat-non-pacs": ("an", "anp")}
 
 
 @dataclass(frozen=True)
@@ -97,7 +121,7 @@ class SampleSpec:
     """
 
     numero: str = "A-9-ABCD1234"
-    demarche: str = "RCO"
+    demarche: str = CENSUS
     insee: str = "90017"
     email: str = "usager@example.org"
     deposit: datetime = _DEFAULT_DEPOSIT
@@ -105,9 +129,19 @@ class SampleSpec:
     sent: datetime | None = None
     ack_required: bool = True
     ack_types: tuple[str, ...] = ("AVL", "ANL")
-    #: Number of scans in the nested ``-pj-`` zip (0: no PieceJointe and no ``-pj-`` member).
+    #: Number of attachments (0: no PieceJointe at all).
     scans: int = 2
-    #: Add the démarche data XML document (RCO and ILE only).
+    #: ``nested``: the attachments in one ``-pj-`` zip; ``plain``: each a listed file ``-<code>-<i>.<ext>``.
+    layout: Literal["nested", "plain"] = "nested"
+    #: ``daua``: the envelope as in the real DAUA package (prefix ns2, AckTo, Security, Extras);
+    #: ``dia``: with the DIA flow's routing elements (prefix pec, Sender/Attention, ConversationId,
+    #: WriteMode, AckType AND/ANL/AVL, no AckTo, empty Security and Extras).
+    envelope: Literal["daua", "dia"] = "daua"
+    #: ``Routing/ConversationId`` (the ``dia`` envelope always has one; this overrides it).
+    conversation_id: str | None = None
+    #: False: no ``Routage/Donnee`` CodeINSEE, so the dossier routes by ``recipient_siret``.
+    code_insee: bool = True
+    #: Add the démarche data XML document (census and ILE only), coded ``flux``.
     data_document: bool = True
     #: >0 adds a listed ``Annexe`` PDF document carrying this many padding bytes.
     annex_bytes: int = 0
@@ -168,6 +202,11 @@ def package_filename(spec: SampleSpec) -> str:
     # Nanoseconds: the real name has 9 digits; pad microseconds with stable pseudo-random ones.
     nanos = t.microsecond * 1000 + zlib.crc32(spec.numero.encode()) % 1000
     return f"RitaGS.{t:%Y-%m-%dT%H_%M_%S}.{nanos:09d}.{spec.prefix}-{_VERSION}.ADER.ftp.zip"
+
+
+def plain_member_name(spec: SampleSpec, code: str, index: int, ext: str) -> str:
+    """A plain-file attachment, ``<num>-<dem>-<code>-<index>.<ext>`` (e.g. ``-ji-0.pdf``)."""
+    return f"{spec.prefix}-{code}-{index}.{ext}"
 
 
 def random_numero(rng: random.Random) -> str:
@@ -400,6 +439,8 @@ def _rco_tree(spec: SampleSpec, rng: random.Random) -> _Tree:
                     ("FormaliteType", "DECL"),
                     ("DateSoumission", f"{spec.deposit:%Y-%m-%dT%H:%M:%S}"),
                     ("FormaliteMotifCode", "RECENSEMENT"),
+                    # The real file repeats the element, the second one empty.
+                    ("FormaliteMotifCode", ""),
                     ("FormaliteModeCode", "AJOUT"),
                 ],
             ),
@@ -495,11 +536,11 @@ def _ile_tree(spec: SampleSpec, rng: random.Random) -> _Tree:
 
 
 def data_xml(spec: SampleSpec, *, seed: int = 0) -> bytes | None:
-    """The démarche data XML (RCO: ``RecensementCitoyen``, ILE: ``InscriptionListeElectorale``), else None."""
+    """The démarche data XML (census: ``RecensementCitoyen``, ILE: ``InscriptionListeElectorale``), else None."""
     rng = _rng(spec, seed, "data")
-    if spec.demarche == "RCO":
+    if spec.demarche == CENSUS:
         tree = _rco_tree(spec, rng)
-    elif spec.demarche == "ILE":
+    elif spec.demarche == ILE_CODE:
         tree = _ile_tree(spec, rng)
     else:
         return None
@@ -543,8 +584,7 @@ def _documents(spec: SampleSpec, seed: int) -> list[_Doc]:
     ]
     data = data_xml(spec, seed=seed) if spec.data_document else None
     if data is not None:
-        root = _DATA_ROOTS[spec.demarche]
-        docs.append(_Doc(root, doc_member_name(spec, root, "xml"), data))
+        docs.append(_Doc(DATA_DOCUMENT_CODE, doc_member_name(spec, DATA_DOCUMENT_CODE, "xml"), data))
     if spec.annex_bytes > 0:
         if spec.annex_fill == "zeros":
             padding = bytes(spec.annex_bytes)
@@ -569,7 +609,29 @@ def _location(siret: str, service: str, *, guichet: bool) -> str:
     )
 
 
-def _aller_content(spec: SampleSpec, password: str, docs: Sequence[_Doc]) -> str:
+@dataclass(frozen=True)
+class _Plain:
+    code: str
+    title: str
+    member: str
+    data: bytes
+
+
+def _plain_attachments(spec: SampleSpec, seed: int) -> list[_Plain]:
+    """The attachments as plain listed PDF files (``layout="plain"``), codes as in DILA's data."""
+    if spec.layout != "plain":
+        return []
+    rng = _rng(spec, seed, "plain")
+    codes = _PLAIN_CODES.get(spec.demarche, ("pj",))
+    out = []
+    for index in range(spec.scans):
+        code = codes[index % len(codes)]
+        data = pdf_bytes([f"Piece {code} {index}", f"Dossier {spec.numero}", f"ref {rng.randrange(10**6):06d}"])
+        out.append(_Plain(code, f"{code}-{index}", plain_member_name(spec, code, index, "pdf"), data))
+    return out
+
+
+def _aller_content(spec: SampleSpec, password: str, docs: Sequence[_Doc], plain: Sequence[_Plain] = ()) -> str:
     """The children shared by ``Aller`` (message.xml) and ``EnteteMetierEnveloppe`` (-ent-)."""
     parts = [
         _el("NumeroDemarche", spec.demarche),
@@ -581,12 +643,18 @@ def _aller_content(spec: SampleSpec, password: str, docs: Sequence[_Doc]) -> str
         _el("IdentifiantPlateforme", spec.platform_id),
         _el("Email", spec.email),
         "</Teledemarche>",
-        "<Routage><Donnee>",
-        _el("Id", "CodeINSEE"),
-        _el("Valeur", spec.insee),
-        "</Donnee></Routage>",
     ]
-    if spec.scans > 0:
+    if spec.code_insee:
+        parts += ["<Routage><Donnee>", _el("Id", "CodeINSEE"), _el("Valeur", spec.insee), "</Donnee></Routage>"]
+    for piece in plain:
+        parts += [
+            "<PieceJointe>",
+            _el("Intitule", piece.title),
+            _el("Code", piece.code),
+            _el("Fichier", piece.member),
+            "</PieceJointe>",
+        ]
+    if spec.scans > 0 and spec.layout == "nested":
         code = _pj_code(spec)
         parts += [
             "<PieceJointe>",
@@ -609,14 +677,18 @@ def _aller_content(spec: SampleSpec, password: str, docs: Sequence[_Doc]) -> str
 
 
 def _message_xml(spec: SampleSpec, aller: str) -> bytes:
+    if spec.envelope == "dia":
+        return _dia_message_xml(spec, aller)
     sender = _location(spec.sender_siret, spec.sender_service, guichet=True)
     acks = "".join(_el("ns2:AckType", t) for t in spec.ack_types)
+    conversation = _el("ns2:ConversationId", spec.conversation_id) if spec.conversation_id else ""
     xml = (
         '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
         f'<ns2:Message xmlns:ns2="{PEC_NS}" xmlns="{METIER_NS}">'
         "<ns2:Header><ns2:Routing>"
         + _el("ns2:MessageId", spec.effective_message_id)
         + _el("ns2:FlowType", spec.demarche)
+        + conversation
         + "<ns2:Sender><ns2:Country>FR</ns2:Country>"
         + sender
         + "</ns2:Sender>"
@@ -649,6 +721,65 @@ def _message_xml(spec: SampleSpec, aller: str) -> bytes:
     return xml.encode("utf-8")
 
 
+def dia_conversation_id(spec: SampleSpec) -> str:
+    """The ``ConversationId`` of a ``dia`` envelope: the override, or one derived from the number."""
+    return spec.conversation_id or f"conv-{zlib.crc32(spec.numero.encode()):08x}-{spec.sent_at:%Y%m%d%H%M%S}"
+
+
+def _dia_routing(spec: SampleSpec) -> str:
+    """The DIA flow's Routing: prefix pec, Attention, ConversationId, WriteMode, AckType AND/ANL/AVL, no AckTo."""
+    location = (
+        f'<pec:Location xsi:type="pec:Location_FR" xmlns:xsi="{_XSI_NS}">'
+        + _el("pec:Siret", "{siret}")
+        + _el("pec:Service", "{service}")
+        + "</pec:Location>"
+    )
+    return (
+        "<pec:Routing>"
+        + _el("pec:MessageId", spec.effective_message_id)
+        + _el("pec:FlowType", spec.demarche)
+        + _el("pec:ConversationId", dia_conversation_id(spec))
+        + "<pec:Sender><pec:Country>FR</pec:Country>"
+        + location.format(siret=spec.sender_siret, service=spec.sender_service)
+        + _el("pec:Attention", "Service instructeur")
+        + "</pec:Sender>"
+        + "<pec:Recipients><pec:Recipient><pec:Country>FR</pec:Country>"
+        + location.format(siret=spec.recipient_siret, service=spec.demarche)
+        + "</pec:Recipient></pec:Recipients>"
+        + _el("pec:AckRequired", "true" if spec.ack_required else "false")
+        + "".join(_el("pec:AckType", t) for t in ("AND", *spec.ack_types))
+        + _el("pec:WriteMode", "CREATE")
+        + "</pec:Routing>"
+    )
+
+
+def _dia_message_xml(spec: SampleSpec, aller: str) -> bytes:
+    """A dossier in an envelope with every routing element of the DIA flow."""
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f'<pec:Message xmlns:pec="{PEC_NS}" xmlns="{METIER_NS}">'
+        "<pec:Header>" + _dia_routing(spec) + "<pec:Security/><pec:Extras/></pec:Header>"
+        "<pec:Body><pec:Content><pec:Aller>" + aller + "</pec:Aller></pec:Content></pec:Body></pec:Message>"
+    )
+    return xml.encode("utf-8")
+
+
+def dia_envelope(spec: SampleSpec, *, body: str = "DIA_DDI_opaque_content") -> bytes:
+    """A ``message.xml`` shaped like the real DIA flow's: no Aller, a Content ``xsi:type="xs:string"``.
+
+    Not a télédossier (relayd refuses it with ``envelope_not_a_dossier``); the schema admits it.
+    """
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f'<pec:Message xmlns:pec="{PEC_NS}">'
+        "<pec:Header>" + _dia_routing(spec) + "<pec:Security/><pec:Extras/></pec:Header>"
+        f'<pec:Body><pec:Content xsi:type="xs:string" xmlns:xs="{_XS_NS}" xmlns:xsi="{_XSI_NS}">'
+        + escape(body)
+        + "</pec:Content></pec:Body></pec:Message>"
+    )
+    return xml.encode("utf-8")
+
+
 def _ent_xml(aller: str) -> bytes:
     return (
         '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
@@ -657,20 +788,23 @@ def _ent_xml(aller: str) -> bytes:
 
 
 def build_members(spec: SampleSpec, *, seed: int = 0) -> dict[str, bytes]:
-    """The package's members, in order: ``message.xml``, the ``-ent-`` header, documents, attachments zip.
+    """The package's members, in order: ``message.xml``, the ``-ent-`` header, documents, attachments.
 
     Every ``Fichier``/``FichierDonnees`` of ``message.xml`` names one of these members; the
     ``-ent-`` member is not listed, as in the real package. ``MotDePasse`` is random from ``seed``.
     """
     docs = _documents(spec, seed)
-    aller = _aller_content(spec, _password(spec, seed), docs)
+    plain = _plain_attachments(spec, seed)
+    aller = _aller_content(spec, _password(spec, seed), docs, plain)
     members: dict[str, bytes] = {
         "message.xml": _message_xml(spec, aller),
         ent_member_name(spec): _ent_xml(aller),
     }
     for doc in docs:
         members[doc.member] = doc.data
-    if spec.scans > 0:
+    for piece in plain:
+        members[piece.member] = piece.data
+    if spec.scans > 0 and spec.layout == "nested":
         members[pj_member_name(spec)] = write_zip(scan_files(spec, seed=seed), date_time=spec.zip_date_time)
     return members
 
