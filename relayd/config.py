@@ -233,6 +233,18 @@ class Returns(_Strict):
     )
 
 
+class IntakeRetry(_Strict):
+    """How intake tries a package again while relayd runs, after a failure that is not the package's fault."""
+
+    initial_seconds: float = Field(default=5.0, gt=0, description="first wait; doubles at each failure")
+    max_seconds: float = Field(default=300.0, gt=0, description="the cap on one wait")
+    max_attempts: int = Field(
+        default=5, gt=0,
+        description="an unexpected error this many times sends the package to quarantine as internal_error; "
+                    "a full or failing disk (ENOSPC, EIO) is retried until space is back",
+    )
+
+
 class Storage(_Strict):
     root: Path
 
@@ -390,6 +402,7 @@ class Config(_Strict):
     communes: list[Commune] = Field(min_length=1)
     platform: ReturnServer | None = Field(default=None, description="without it, acks and returns wait in the outbox")
     returns: Returns = Returns()
+    intake: IntakeRetry = IntakeRetry()
     mail: Mail | None = Field(default=None, description="without it, nobody is told by e-mail")
     deadlines: Deadlines = Deadlines()
     defender: Defender = Defender()

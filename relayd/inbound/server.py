@@ -19,6 +19,7 @@ client learns the outcome on that very request.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import posixpath
 import stat
@@ -363,7 +364,16 @@ class DropSFTPServer(asyncssh.SFTPServer):
             handle.refusal = disk
         if handle.refusal is not None:
             raise asyncssh.SFTPFailure(handle.refusal.client_message())
-        written = os.pwrite(handle.fd, data, offset)
+        try:
+            written = os.pwrite(handle.fd, data, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The drop folder's disk filled between two looks of the guard: the same refusal, not a bare errno.
+            self.log.warning("sftp.refused", op="write", path=handle.name, code=Reason.DISK_LOW.value)
+            handle.refusal = Rejection(Reason.DISK_LOW, "the drop folder's file system is full.")
+            self._state.disk.check()
+            raise asyncssh.SFTPFailure(handle.refusal.client_message()) from None
         handle.written += written
         self._session_bytes += written
         if handle.written - handle.synced >= _SYNC_EVERY and handle.syncing is None:
@@ -511,8 +521,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
         self._state.events.publish(PackageReceived(account=self.account, peer=self.peer, size=size))
         self._committing += 1
         try:
-            staged = await asyncio.to_thread(intake.stage, local, upload)
-            outcome: Outcome = await asyncio.to_thread(intake.process, staged)
+            outcome: Outcome = await asyncio.to_thread(intake.take, local, upload)
         finally:
             self._committing -= 1
         if outcome.status in ("accepted", "duplicate"):

@@ -178,7 +178,14 @@ class DeliveryWorker:
     async def _deliver(self, entry: Entry) -> None:
         assert self.client is not None and self.server is not None
         if not entry.payload.is_file():
-            raise DeliveryError("payload_missing", f"the local copy {entry.payload} is gone; nothing can be sent")
+            # An ack is recorded with its package, its file written only now, before it is sent.
+            try:
+                present = await asyncio.to_thread(self.outbox.materialize, entry)
+            except OSError as exc:
+                raise DeliveryError("outbox_unwritable", f"the outbox folder cannot take the file to send "
+                                    f"({exc.strerror or type(exc).__name__}); it is written once the folder is usable")
+            if not present:
+                raise DeliveryError("payload_missing", f"the local copy {entry.payload} is gone; nothing can be sent")
         remote_dir = self.server.remote_dir if entry.kind == "Retour" else (self.server.acks_dir or self.server.remote_dir)
         log.debug("delivery.start", id=entry.id, kind=entry.kind, numero=entry.numero, remote_name=entry.remote_name)
         await self.client.deliver(entry.payload, entry.remote_name, remote_dir=remote_dir)
