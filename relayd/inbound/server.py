@@ -44,6 +44,8 @@ log = structlog.get_logger("relayd.sftp")
 
 _GENERIC_DENIED = "permission denied"
 _SYNC_EVERY = 32 * 1024 * 1024
+#: the extended attribute a stat of a committed name carries: b"accepted" or b"duplicate" (a resend)
+OUTCOME_ATTRIBUTE = b"outcome@relayd"
 # Compared against when the username is unknown, so that timing does not reveal which names exist.
 _DUMMY_HASH = hash_password("relayd-dummy-password")
 # Refused attempts (keys and passwords) one connection may make before it is cut, as OpenSSH's MaxAuthTries:
@@ -269,7 +271,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
         # Outcomes of this session's commits, by name: the size written (accepted) or the refusal.
         # Clients that stat after an upload (paramiko does) get an answer though the file moved on,
         # and clients that ignore close errors (paramiko does) still learn why a package was refused.
-        self._outcomes: dict[str, int | str] = {}
+        self._outcomes: dict[str, tuple[int, str] | str] = {}  # (size, accepted|duplicate) or the refusal
         self._session_bytes = 0
         #: commits being processed now: a graceful stop waits for them
         self._committing = 0
@@ -456,8 +458,11 @@ class DropSFTPServer(asyncssh.SFTPServer):
         if outcome is not None and not local.exists():
             if isinstance(outcome, str):
                 raise asyncssh.SFTPFailure(outcome)
-            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=outcome,
-                                      permissions=stat.S_IFREG | 0o600)
+            size, status = outcome
+            # The outcome rides along as an extended attribute, for clients that want to tell a resend.
+            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=size,
+                                      permissions=stat.S_IFREG | 0o600,
+                                      extended=[(OUTCOME_ATTRIBUTE, status.encode())])
         return os.lstat(local)
 
     def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
@@ -525,7 +530,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
         finally:
             self._committing -= 1
         if outcome.status in ("accepted", "duplicate"):
-            self._outcomes[upload.name] = size
+            self._outcomes[upload.name] = (size, outcome.status)
             return
         self._refuse(upload.name, outcome)
 
