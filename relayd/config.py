@@ -60,7 +60,7 @@ class Limits(PackageLimits):
     max_sessions: int = Field(default=32, gt=0, description="concurrent SSH connections, all accounts")
     max_sessions_per_ip: int = Field(default=8, gt=0, description="concurrent SSH connections from one address")
     min_free_bytes: int = Field(
-        default=1024 * 1024 * 1024, ge=0, description="uploads are refused while less than this is free under storage.root"
+        default=1024 * 1024 * 1024, ge=0, description="uploads are refused while less than this is free on any file system relayd writes to"
     )
     max_upload_bytes_per_session: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
     login_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -331,3 +331,44 @@ def test_no_orphan_upload_note_is_left_after_a_clean_stop(relay):
                                                                       "name": "lost.zip"}))
     relay.stop()
     assert list(staging.glob("*.upload.json")) == []
+
+
+def test_an_accepted_dossier_without_its_ack_gets_one_at_the_next_start(relay):
+    paramiko_put(relay, REAL_PACKAGE, REAL_PACKAGE.name, password=PASSWORD)
+    relay.stop()
+    import sqlite3
+
+    # What an older relayd left when queueing the AVL failed after the record: the dossier, no ack.
+    db = sqlite3.connect(relay.ledger_path)
+    with db:
+        db.execute("DELETE FROM outbox")
+    db.close()
+
+    relay.start()
+    wait_for(lambda: [r["kind"] for r in relay.outbox()] == ["AVL"], timeout=30, what="the AVL queued again")
+    (requeued,) = events(relay, "acks.requeued")
+    assert requeued["numero"] == "A-9-X3UGO4V7"
+    (row,) = relay.outbox()
+    wait_for(lambda: Path(row["payload"]).is_file(), timeout=30, what="the AVL's file written")
+    assert read_reply(Path(row["payload"]).read_bytes()).kind == "AVL"
+
+
+def test_a_drop_folder_filling_up_during_an_upload_is_a_disk_low_refusal_and_leaves_nothing(make_relay, mount_tmpfs):
+    relay = make_relay(start=False, limits={"max_package_bytes": 8 * MiB, "min_free_bytes": 1 * MiB})
+    drop = mount_tmpfs(relay.drop())
+    relay.start()
+    try:
+        # Room left for 2 MiB of the 3.3 MB package, and above the threshold: the guard lets the upload begin.
+        ballast = drop / ".ballast"
+        free = os.statvfs(drop).f_bavail * os.statvfs(drop).f_frsize
+        with open(ballast, "wb") as fh:
+            fh.truncate(0)
+            fh.write(b"\0" * (free - 2 * MiB))
+        with pytest.raises(OSError) as refused:
+            paramiko_put(relay, REAL_PACKAGE, "a.zip", password=PASSWORD)
+        assert DISK_LOW_MESSAGE in str(refused.value)  # not a bare "No space left on device" or "Failure"
+        wait_for(lambda: [p.name for p in drop.iterdir()] == [".ballast"], timeout=20, what="the partial removed")
+        assert not relay.quarantined()
+        assert relay.proc.poll() is None
+    finally:
+        relay.kill()

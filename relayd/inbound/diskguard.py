@@ -49,6 +49,7 @@ def watched_folders(config: Config) -> list[Path]:
     """Every folder relayd writes to, storage first; each file system is measured once, through the first named."""
     storage = config.storage
     folders = [storage.root, storage.staging, storage.outbox, storage.archive, storage.quarantine, storage.drop]
+    folders += [config.drop_dir(account) for account in config.accounts]
     for commune in config.communes:
         folders += [commune.inbox] + ([commune.returns, commune.rejected_dir] if commune.returns is not None else [])
     return folders

@@ -334,6 +334,9 @@ class DropSFTPServer(asyncssh.SFTPServer):
             fd = os.open(local, flags, 0o600)  # the mode is ours, never the client's attrs
         except OSError as exc:
             self.log.info("sftp.open_failed", path=local.name, error=exc.strerror)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._state.disk.check()
+                raise asyncssh.SFTPFailure(Rejection(Reason.DISK_LOW, "the drop folder is full.").client_message()) from None
             raise asyncssh.SFTPFailure("cannot open file") from None
         os.fchmod(fd, 0o600)
         handle = _Handle(fd, local, local.name)

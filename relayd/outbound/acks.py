@@ -34,8 +34,8 @@ log = structlog.get_logger("relayd.acks")
 
 #: how often the running daemon looks for acks owed and missing
 REPAIR_SECONDS = 60.0
-#: how far back the repair looks for accepted dossiers without their AVL
-REPAIR_DAYS = 30
+#: how far back the repair looks for accepted dossiers without their AVL (older ones were settled long ago)
+REPAIR_HOURS = 48
 
 
 def wants_ack(routing: Routing, kind: str) -> bool:
@@ -112,7 +112,7 @@ class Acknowledger:
         for dossier in self.drops.ledger.query(
             "SELECT d.* FROM dossiers d WHERE d.message_id != '' AND d.routing IS NOT NULL AND d.received_at >= ?"
             " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.kind = 'AVL' AND o.ref_message_id = d.message_id)",
-            ((datetime.now(UTC) - timedelta(days=REPAIR_DAYS)).isoformat(timespec="milliseconds"),),
+            ((datetime.now(UTC) - timedelta(hours=REPAIR_HOURS)).isoformat(timespec="milliseconds"),),
         ):
             repaired += self._requeue_avl(dossier)
         try:
