@@ -191,6 +191,7 @@ async def run(config: Config, *, config_path: Path | None = None,
             delivery.cancel()
         await asyncio.gather(delivery, return_exceptions=True)
         intake.tidy()
+        acks.write_files()  # every ack still owed leaves its file behind, for an operator and for the next start
         ledger.close()
         notifier.close()
         log.info("relayd.stopped")

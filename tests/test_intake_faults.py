@@ -287,7 +287,10 @@ def test_after_too_many_tries_the_package_goes_to_quarantine_with_an_anl_an_aler
 
     with pytest.raises(OSError):
         paramiko_put(relay, REAL_PACKAGE, REAL_PACKAGE.name, password=PASSWORD)
-    wait_for(lambda: relay.quarantined(), timeout=30, what="the package in quarantine")
+    # The reason file lands first, then the package beside it: wait for both, as an operator would see them.
+    wait_for(lambda: [q["_file"].exists() for q in relay.quarantined()] == [True], timeout=30,
+             what="the package in quarantine")
+    wait_for(lambda: relay.outbox(), timeout=10, what="the ANL recorded")
     (reason,) = relay.quarantined()
     assert reason["code"] == "internal_error" and "3 times" in reason["message"]
     assert reason["numero"] == "A-9-X3UGO4V7"
@@ -296,8 +299,9 @@ def test_after_too_many_tries_the_package_goes_to_quarantine_with_an_anl_an_aler
     assert [(r["kind"], r["status"]) for r in relay.outbox()] == [("ANL", "pending")]
     (rejected,) = relay.ledger_rows("SELECT * FROM packages")
     assert rejected["outcome"] == "rejected" and rejected["reason"] == "internal_error"
-    alerts = relay.ledger_rows("SELECT subject FROM mail WHERE kind = 'alert'")
-    assert any("internal_error" in a["subject"] for a in alerts)
+    wait_for(lambda: any("internal_error" in a["subject"]
+                         for a in relay.ledger_rows("SELECT subject FROM mail WHERE kind = 'alert'")),
+             timeout=10, what="the administrator's alert queued")
 
     import urllib.request
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -68,6 +69,8 @@ class Acknowledger:
         self.config = config
         self.outbox = outbox
         self.drops = drops
+        #: called once an ack is committed, from intake's thread (wakes :class:`AckRepair` to write its file)
+        self.on_owed: Callable[[], None] | None = None
 
     def owed(self, envelope: Message | None, kind: str, rejection: Rejection | None = None) -> OwedAck | None:
         """The ack this outcome owes, or None when the envelope asks for none or cannot address one."""
@@ -91,6 +94,8 @@ class Acknowledger:
         """After the outcome's transaction: wake the sender, then the automatic receipt for a handed-over dossier."""
         if owed is not None and owed.entry_id is not None:
             self.outbox.announce(owed.entry_id)
+            if self.on_owed is not None:
+                self.on_owed()
         if package is None:
             return
         commune = self.config.commune(package.insee)
@@ -115,12 +120,16 @@ class Acknowledger:
             ((datetime.now(UTC) - timedelta(hours=REPAIR_HOURS)).isoformat(timespec="milliseconds"),),
         ):
             repaired += self._requeue_avl(dossier)
+        return repaired + self.write_files()
+
+    def write_files(self) -> int:
+        """Write the files pending entries lack (from the bytes their rows keep); returns how many."""
         try:
-            repaired += self.outbox.repair()
+            return self.outbox.repair()
         except OSError as exc:
             log.warning("acks.outbox_unusable", folder=str(self.outbox.folder), error=exc.strerror or str(exc),
                         effect="the entries wait; their files are written once the folder is usable")
-        return repaired
+            return 0
 
     def _requeue_avl(self, dossier: sqlite3.Row) -> int:
         try:
@@ -145,19 +154,42 @@ class Acknowledger:
 
 
 class AckRepair:
-    """The daemon part that repairs owed acks every ``every`` seconds (the first round runs at start)."""
+    """The daemon part that repairs owed acks every ``every`` seconds (the first round runs at start).
+
+    It is also woken when an ack is committed, so that the ack's file is written soon after the
+    client's answer (the delivery worker writes it too, before sending, if it gets there first).
+    """
 
     name = "ack-repair"
 
     def __init__(self, acks: Acknowledger, every: float = REPAIR_SECONDS):
         self.acks = acks
         self.every = every
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wake(self) -> None:
+        """Write the files of new entries now (thread-safe)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self) -> None:
-        """Repair, then wait, until cancelled."""
+        """Repair, then wait for the period or a wake-up, until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        self.acks.on_owed = self.wake
+        full = True
         while True:
-            await asyncio.to_thread(self.acks.repair)
-            await asyncio.sleep(self.every)
+            if full:
+                await asyncio.to_thread(self.acks.repair)
+            else:
+                await asyncio.to_thread(self.acks.write_files)
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self.every):
+                    await self._wake.wait()
+                full = False
+            except TimeoutError:
+                full = True
 
     def reconfigure(self, config: Config) -> None:
         """Nothing to follow: the configuration is read through the acknowledger."""
