@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -91,6 +93,7 @@ def push_while_filling(relay, name: str, folder: Path) -> tuple[Path, str]:
     try:
         with client.open(name, "wb") as remote:
             remote.write(REAL_PACKAGE.read_bytes())
+            remote.flush()  # every byte on the relay before the disk fills: the guard refuses writes after
             ballast = fill(folder)
         try:
             client.stat(name)
@@ -303,8 +306,6 @@ def test_after_too_many_tries_the_package_goes_to_quarantine_with_an_anl_an_aler
                          for a in relay.ledger_rows("SELECT subject FROM mail WHERE kind = 'alert'")),
              timeout=10, what="the administrator's alert queued")
 
-    import urllib.request
-
     (listening,) = events(relay, "metrics.listening")
     with urllib.request.urlopen(f"http://127.0.0.1:{listening['port']}/metrics", timeout=30) as response:
         text = response.read().decode()
@@ -340,8 +341,6 @@ def test_no_orphan_upload_note_is_left_after_a_clean_stop(relay):
 def test_an_accepted_dossier_without_its_ack_gets_one_at_the_next_start(relay):
     paramiko_put(relay, REAL_PACKAGE, REAL_PACKAGE.name, password=PASSWORD)
     relay.stop()
-    import sqlite3
-
     # What an older relayd left when queueing the AVL failed after the record: the dossier, no ack.
     db = sqlite3.connect(relay.ledger_path)
     with db:

@@ -221,20 +221,21 @@ class Intake:
 
     # -- retries ---------------------------------------------------------------------
 
-    def retry_due(self) -> list[Outcome]:
-        """Try again every staged package whose wait is over."""
+    def retry_due(self) -> Outcome | None:
+        """Try again the staged package whose wait ended first, if one is due; one at a time, so a stop waits little."""
         now = self._clock()
         with self._running_lock:
-            due = [path for path, retry in self._retries.items() if retry.due <= now and path not in self._busy]
-        outcomes = []
-        for staged in due:
-            if not staged.exists():
+            due = sorted((retry.due, str(path)) for path, retry in self._retries.items()
+                         if retry.due <= now and path not in self._busy)
+        for _, name in due:
+            staged = Path(name)
+            if not staged.exists():  # finished meanwhile by another way (a resend, an operator)
                 with self._running_lock:
                     self._retries.pop(staged, None)
                 continue
             log.info("intake.retry", file=staged.name, attempt=self._retries[staged].attempts + 1)
-            outcomes.append(self.process(staged))
-        return outcomes
+            return self.process(staged)
+        return None
 
     def next_retry_in(self) -> float | None:
         """Seconds until the next retry is due (0 if one is), None when none waits."""
@@ -518,7 +519,13 @@ class IntakeRetries:
         self._loop = asyncio.get_running_loop()
         self.intake.on_retry = self.wake
         while True:
-            await asyncio.to_thread(self.intake.retry_due)
+            # A package half handed over must not meet a closed ledger: a stop lets the current try finish.
+            attempt = asyncio.ensure_future(asyncio.to_thread(self.intake.retry_due))
+            try:
+                await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                await attempt
+                raise
             self._wake.clear()
             wait = self.intake.next_retry_in()
             try:
