@@ -84,7 +84,7 @@ class Limits(PackageLimits):
         default=8, gt=0, description="unauthenticated connections from one address (defender prefix)"
     )
     min_free_bytes: int = Field(
-        default=1024 * 1024 * 1024, ge=0, description="uploads are refused while less than this is free under storage.root"
+        default=1024 * 1024 * 1024, ge=0, description="uploads are refused while less than this is free on any file system relayd writes to"
     )
     max_upload_bytes_per_session: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
     login_timeout_seconds: float = Field(default=10.0, gt=0, description="to authenticate, from the TCP accept")
@@ -304,6 +304,18 @@ class Returns(_Strict):
     max_status_bytes: int = Field(default=1024 * 1024, gt=0)
     attachment_types: list[str] = Field(
         default_factory=lambda: ["pdf", "png", "jpg", "jpeg"], description="file extensions, checked against content"
+    )
+
+
+class IntakeRetry(_Strict):
+    """How intake tries a package again while relayd runs, after a failure that is not the package's fault."""
+
+    initial_seconds: float = Field(default=5.0, gt=0, description="first wait; doubles at each failure")
+    max_seconds: float = Field(default=300.0, gt=0, description="the cap on one wait")
+    max_attempts: int = Field(
+        default=5, gt=0,
+        description="an unexpected error this many times sends the package to quarantine as internal_error; "
+                    "a full or failing disk (ENOSPC, EIO) is retried until space is back",
     )
 
 
@@ -538,6 +550,7 @@ class Config(_Strict):
     communes: list[Commune] = Field(min_length=1)
     platform: ReturnServer | None = Field(default=None, description="without it, acks and returns wait in the outbox")
     returns: Returns = Returns()
+    intake: IntakeRetry = IntakeRetry()
     mail: Mail | None = Field(default=None, description="without it, nobody is told by e-mail")
     deadlines: Deadlines = Deadlines()
     defender: Defender = Defender()

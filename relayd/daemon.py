@@ -28,13 +28,13 @@ from relayd.config import Config, ConfigError, load_config
 from relayd.events import Events
 from relayd.fsutil import ensure_dir, resolve_gid, share_dir
 from relayd.inbound.host_keys import ensure_host_keys
-from relayd.inbound.intake import Intake
+from relayd.inbound.intake import Intake, IntakeRetries
 from relayd.inbound.server import InboundServer, ServerState, resolve_auth
 from relayd.inbound.uploads import UploadArea
 from relayd.ledger_admin import open_for_run
 from relayd.mail import Mailer
 from relayd.metrics import Metrics
-from relayd.outbound.acks import Acknowledger
+from relayd.outbound.acks import Acknowledger, AckRepair
 from relayd.outbound.delivery import DeliveryWorker
 from relayd.outbound.outbox import Outbox
 from relayd.outbound.returns import ReturnDrops, watch_returns
@@ -106,10 +106,11 @@ async def run(config: Config, *, config_path: Path | None = None,
     drops = ReturnDrops(config, ledger, outbox)
     acks = Acknowledger(config, outbox, drops)
     intake = Intake(config, ledger, acks, events)
+    state = ServerState(config=config, intake=intake, auth=resolve_auth(config), events=events)
+    intake.disk = state.disk
     recovered = await asyncio.to_thread(intake.recover)
     if recovered:
         log.info("startup.recovered", packages=len(recovered))
-    state = ServerState(config=config, intake=intake, auth=resolve_auth(config), events=events)
     server = InboundServer(state, ensure_host_keys(config))
     await server.start(socks=listen_sockets())
     watcher = DropWatcher(_return_dirs(config), settle_seconds=config.returns.settle_seconds,
@@ -121,7 +122,8 @@ async def run(config: Config, *, config_path: Path | None = None,
     mailer = Mailer(config, ledger, clock)
     events.subscribe(metrics.on_event)
     events.subscribe(mailer.on_event)
-    parts: list[Part] = [metrics, mailer, state.disk, Retention(config, ledger, clock)]
+    parts: list[Part] = [metrics, mailer, state.disk, Retention(config, ledger, clock), IntakeRetries(intake),
+                         AckRepair(acks)]
 
     delivery = asyncio.create_task(worker.run(), name="delivery")
     tasks = [asyncio.create_task(watch_returns(watcher, drops), name="returns")]
@@ -190,6 +192,8 @@ async def run(config: Config, *, config_path: Path | None = None,
         except TimeoutError:
             delivery.cancel()
         await asyncio.gather(delivery, return_exceptions=True)
+        intake.tidy()
+        acks.write_files()  # every ack still owed leaves its file behind, for an operator and for the next start
         ledger.close()
         notifier.close()
         log.info("relayd.stopped")

@@ -17,6 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+#: a step that runs inside an outcome's own transaction (the outbox entry owing its ack)
+Also = Callable[[sqlite3.Connection], None] | None
+
 #: Dossier states, in order. The labels are the platform's exact wording.
 STATE_LABELS = {
     "transmis": "Dossier transmis au service traitant",
@@ -139,6 +142,8 @@ _MIGRATIONS = {
     "outbox": {
         # of ``attempts``, those an outage of the return server took: they do not count towards dead-letter
         "outage_attempts": "INTEGER NOT NULL DEFAULT 0",
+        # An ack is recorded with its package in one transaction, its bytes in the row; the file comes after.
+        "payload_data": "BLOB",
     },
 }
 
@@ -295,11 +300,12 @@ class Ledger:
 
     def record_accepted(
         self, rec: PackageRecord, *, deposited_at: str | None, inbox_path: str, archive_path: str,
-        routing: str | None = None,
+        routing: str | None = None, also: Also = None,
     ) -> None:
         """Record an accepted package and its dossier (state "transmis") in one transaction.
 
-        Raises :class:`DuplicatePackage` when the same content was accepted meanwhile.
+        ``also`` runs in that transaction (the ack it owes). Raises :class:`DuplicatePackage`
+        when the same content was accepted meanwhile.
         """
         now = utcnow()
         try:
@@ -313,22 +319,28 @@ class Ledger:
                      inbox_path, archive_path, routing),
                 )
                 self._event(db, rec.numero, "received", f"handed over to {inbox_path}", at=now)
+                if also is not None:
+                    also(db)
         except sqlite3.IntegrityError as exc:
             raise DuplicatePackage(str(exc)) from None
 
-    def record_duplicate(self, rec: PackageRecord, *, location: str | None) -> None:
-        """Record a resend of content that was already accepted."""
+    def record_duplicate(self, rec: PackageRecord, *, location: str | None, also: Also = None) -> None:
+        """Record a resend of content that was already accepted; ``also`` runs in the same transaction."""
         now = utcnow()
         with self.transaction() as db:
             self._insert_package(db, rec, "duplicate", location=location, at=now)
             self._event(db, rec.numero, "resent", "same content received again; no second hand-over", at=now)
+            if also is not None:
+                also(db)
 
-    def record_rejected(self, rec: PackageRecord, *, reason: str, detail: str, location: str) -> None:
-        """Record a refused package and where it was quarantined."""
+    def record_rejected(self, rec: PackageRecord, *, reason: str, detail: str, location: str, also: Also = None) -> None:
+        """Record a refused package and where it was quarantined; ``also`` runs in the same transaction."""
         now = utcnow()
         with self.transaction() as db:
             self._insert_package(db, rec, "rejected", location=location, at=now, reason=reason, detail=detail)
             self._event(db, rec.numero, "rejected", f"{reason}: {detail}", at=now)
+            if also is not None:
+                also(db)
 
     def packages(self, numero: str | None = None) -> list[sqlite3.Row]:
         """Every package row, oldest first, optionally for one dossier."""

@@ -368,45 +368,46 @@ def test_alerts_are_throttled(tmp_path, ledger):
     mailer.on_event(mismatch)
     assert len(alerts()) == 3
 
-    # Low disk: once per episode.
+    # Low disk: once per episode, and once when it clears.
     low = DiskLow(low=True, free_bytes=10 * 1024 * 1024, threshold_bytes=1024 ** 3, path=str(tmp_path))
     mailer.on_event(low)
     mailer.on_event(low)
     assert len(alerts()) == 4
     assert "Espace disque insuffisant" in alerts()[-1]
     mailer.on_event(DiskLow(low=False, free_bytes=2 * 1024 ** 3, threshold_bytes=1024 ** 3, path=str(tmp_path)))
+    assert len(alerts()) == 5 and "de nouveau suffisant" in alerts()[-1]  # told again when it clears
     mailer.on_event(low)
-    assert len(alerts()) == 5
+    assert len(alerts()) == 6
 
     # Rejections: the third within the window alerts, then quiet until the window has passed.
     mailer.on_event(rejected(1, "xml_forbidden"))
     mailer.on_event(rejected(2))
-    assert len(alerts()) == 5
-    mailer.on_event(rejected(3))
     assert len(alerts()) == 6
+    mailer.on_event(rejected(3))
+    assert len(alerts()) == 7
     body = queued(ledger)[-1]["body"]
     assert "xml_forbidden : 1" in body and "zip_invalid : 2" in body and "refusal 3." in body
     for n in range(4, 10):
         mailer.on_event(rejected(n))
-    assert len(alerts()) == 6
+    assert len(alerts()) == 7
     clock.offset += timedelta(minutes=11)
     mailer.on_event(rejected(10))
     mailer.on_event(rejected(11))
-    assert len(alerts()) == 6  # spaced-out refusals stay below the threshold
+    assert len(alerts()) == 7  # spaced-out refusals stay below the threshold
     mailer.on_event(rejected(12))
-    assert len(alerts()) == 7
+    assert len(alerts()) == 8
 
     # Dead letters: the first at once; those that follow within the hour come together in one alert after it.
     for entry in (1, 2, 3):
         mailer.on_event(DeadLetter(entry_id=entry, kind="Retour", numero=f"A-1-ABCDEFG{entry}", attempts=200,
                                    error_code="connect_failed", error="connection refused"))
-    assert len(alerts()) == 8
+    assert len(alerts()) == 9
     assert "#1 " in queued(ledger)[-1]["body"] and "#2 " not in queued(ledger)[-1]["body"]
     mailer.flush_held()
-    assert len(alerts()) == 8
+    assert len(alerts()) == 9
     clock.offset += timedelta(minutes=61)
     mailer.flush_held()
-    assert len(alerts()) == 9
+    assert len(alerts()) == 10
     summary = queued(ledger)[-1]
     assert summary["subject"] == "[relayd] 2 envois abandonnés"
     assert "#2 " in summary["body"] and "#3 " in summary["body"]
@@ -417,7 +418,7 @@ def test_alerts_are_throttled(tmp_path, ledger):
     mailer.on_event(DeadLetter(entry_id=3, kind="AVL", numero=None, attempts=1, error_code="x", error="y"))
     mailer.reconfigure(make_config(tmp_path, None))
     mailer.on_event(PackageAccepted(numero="A-1-ABCDEFGH", demarche="recensementCitoyen", insee="90017", message_id="m", size=1))
-    assert len(queued(ledger)) == 9
+    assert len(queued(ledger)) == 10
 
 
 def test_daily_digest_once_a_day(tmp_path, ledger, smtp_server):

@@ -176,9 +176,11 @@ def test_serve_runs_just_the_return_server(tmp_path):
     secret = tmp_path / "password"
     secret.write_text("mot de passe de la plateforme\n")
     log = open(tmp_path / "serve.log", "wb")
+    # Started as a background job is: with SIGINT ignored.
     proc = subprocess.Popen([sys.executable, "-m", "relayd", "testkit", "platform", "--serve", "--listen", f"127.0.0.1:{port}",
                              "--dir", str(tmp_path / "platform"), "--accept-password-file", str(secret)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         def listening() -> bool:
             with socket.socket() as s:
@@ -200,7 +202,36 @@ def test_serve_runs_just_the_return_server(tmp_path):
         asyncio.run(deliver())
         assert (tmp_path / "platform" / "received" / "retour.zip").read_bytes() == package.read_bytes()
         assert (tmp_path / "platform" / "arrivals.log").read_text().split() == ["retour.zip"]
-    finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == 0  # stopped by its own handler, cleanly
+    finally:
+        if proc.poll() is None:  # never leave the child behind a failed assertion
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    assert "return server stopped" in (tmp_path / "serve.log").read_text()
     assert "mot de passe de la plateforme" not in (tmp_path / "serve.log").read_text()
+
+
+def test_serve_stops_on_sigterm(tmp_path):
+    import signal
+    import socket
+
+    from conftest import free_port, wait_for
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "relayd", "testkit", "platform", "--serve", "--listen", f"127.0.0.1:{port}",
+                             "--dir", str(tmp_path / "platform")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(listening, timeout=30, what="the return server")
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        assert b"return server stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

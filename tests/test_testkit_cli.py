@@ -59,7 +59,7 @@ def inbox_entries(folder: Path) -> list[Path]:
 
 
 def result_lines(stdout: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {"accepted": [], "refused": [], "error": []}
+    out: dict[str, list[str]] = {"accepted": [], "duplicate": [], "refused": [], "error": []}
     for line in stdout.splitlines():
         status = line.split(" ", 1)[0]
         out[status].append(line)

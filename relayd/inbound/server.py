@@ -69,6 +69,8 @@ _PIPELINE_WINDOW = 16 * 1024 * 1024
 _MAX_PIECES = 4096
 # Verifications that may run at once; they have their own threads, so password checks never wait behind them.
 _VERIFY_WORKERS = 2
+#: the extended attribute a stat of a committed name carries: b"accepted" or b"duplicate" (a resend)
+OUTCOME_ATTRIBUTE = b"outcome@relayd"
 # Compared against when the username is unknown, so that timing does not reveal which names exist.
 _DUMMY_HASH = hash_password("relayd-dummy-password")
 # Refused attempts (keys and passwords) one connection may make before it is cut, as OpenSSH's MaxAuthTries:
@@ -412,7 +414,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
         # Outcomes of this session's commits, by name: the size written (accepted) or the refusal.
         # Clients that stat after an upload (paramiko does) get an answer though the file moved on,
         # and clients that ignore close errors (paramiko does) still learn why a package was refused.
-        self._outcomes: dict[str, int | str] = {}
+        self._outcomes: dict[str, tuple[int, str] | str] = {}  # (size, accepted|duplicate) or the refusal
         self._session_bytes = 0
         #: commits being processed now: a graceful stop waits for them
         self._committing = 0
@@ -516,7 +518,14 @@ class DropSFTPServer(asyncssh.SFTPServer):
         if existing is None and not pflags & FXF_CREAT:
             raise asyncssh.SFTPNoSuchFile("no such file")
         # A fresh file of this handle's own: nothing another handle does can reach it (see uploads.py).
-        fd, private = self._area.create()
+        try:
+            fd, private = self._area.create()
+        except OSError as exc:
+            self.log.info("sftp.open_failed", path=local.name, error=exc.strerror)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._state.disk.check()
+                raise asyncssh.SFTPFailure(Rejection(Reason.DISK_LOW, "the drop folder is full.").client_message()) from None
+            raise asyncssh.SFTPFailure("cannot open file") from None
         handle = _Handle(fd, private, local.name, append=bool(pflags & FXF_APPEND))
         if existing is not None and not pflags & FXF_TRUNC:
             try:  # a resumed upload goes on from its own copy of what was there (off the loop: it may be large)
@@ -566,7 +575,16 @@ class DropSFTPServer(asyncssh.SFTPServer):
         if handle.refusal is not None:
             raise asyncssh.SFTPFailure(handle.refusal.client_message())
         before = extents.size
-        written = os.pwrite(handle.fd, data, offset)
+        try:
+            written = os.pwrite(handle.fd, data, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The drop folder's disk filled between two looks of the guard: the same refusal, not a bare errno.
+            self.log.warning("sftp.refused", op="write", path=handle.name, code=Reason.DISK_LOW.value)
+            handle.refusal = Rejection(Reason.DISK_LOW, "the drop folder's file system is full.")
+            self._state.disk.check()
+            raise asyncssh.SFTPFailure(handle.refusal.client_message()) from None
         extents.add(offset, offset + written)
         handle.written += written
         self._session_bytes += extents.size - before
@@ -697,8 +715,11 @@ class DropSFTPServer(asyncssh.SFTPServer):
             if isinstance(outcome, str):
                 raise asyncssh.SFTPFailure(outcome)
             if outcome is not None:
-                return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=outcome,
-                                          permissions=stat.S_IFREG | 0o600)
+                size, status = outcome
+                # The outcome rides along as an extended attribute, for clients that want to tell a resend.
+                return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=size,
+                                          permissions=stat.S_IFREG | 0o600,
+                                          extended=[(OUTCOME_ATTRIBUTE, status.encode())])
             writing = [h for h in self._open.values() if h.name == local.name]
             if writing:  # an upload under way shows as it grows
                 return os.fstat(writing[-1].fd)
@@ -829,14 +850,13 @@ class DropSFTPServer(asyncssh.SFTPServer):
         self._state.events.publish(PackageReceived(account=self.account, peer=self.peer, size=size))
         self._committing += 1
         try:
-            staged = await self._in_pool(intake.stage, local, upload)
+            outcome: Outcome = await self._in_pool(intake.take, local, upload)
             if not self._open and not self._closed:
                 self._area.tidy()  # before the answer: an idle drop folder holds nothing of relayd's
-            outcome: Outcome = await self._in_pool(intake.process, staged)
         finally:
             self._committing -= 1
         if outcome.status in ("accepted", "duplicate"):
-            self._outcomes[upload.name] = size
+            self._outcomes[upload.name] = (size, outcome.status)
             return
         self._refuse(upload.name, outcome)
 

@@ -29,6 +29,7 @@ from relayd.mail import messages
 from relayd.mail.messages import Draft
 from relayd.mail.smtp import SendError, SmtpConnection
 from relayd.mail.spool import QueuedMail, Spool
+from relayd.rejections import Reason
 
 log = structlog.get_logger("relayd.mail")
 
@@ -101,7 +102,11 @@ class Mailer:
             return [messages.return_server_outage(event, admin)]
         if isinstance(event, DiskLow):
             was_low, self._disk_low = self._disk_low, event.low
-            return [messages.disk_low(event, admin)] if event.low and not was_low else []
+            if event.low != was_low:
+                return [messages.disk_low(event, admin) if event.low else messages.disk_ok(event, admin)]
+            return []
+        if isinstance(event, PackageRejected) and event.reason == Reason.INTERNAL_ERROR:
+            return [messages.internal_error(event, admin)]  # a fault of relayd's, not the platform's: at once
         if isinstance(event, PackageRejected):
             return self._rejection(event, settings, now)
         return []

@@ -208,6 +208,24 @@ def disk_low(event: DiskLow, admin: Sequence[str]) -> Draft:
     return Draft("alert", tuple(admin), f"[relayd] Espace disque insuffisant sous {event.path}", body)
 
 
+def disk_ok(event: DiskLow, admin: Sequence[str]) -> Draft:
+    """Free space is back above the threshold: uploads are taken again, staged packages go through."""
+    body = (f"Bonjour,\n\nL'espace libre sous {event.path} est revenu à {_size(event.free_bytes)}, au-dessus du seuil "
+            f"de {_size(event.threshold_bytes)} (limits.min_free_bytes). relayd accepte de nouveau les dépôts, et les "
+            f"paquets gardés en attente sont remis.\n\n{SIGNATURE}\n")
+    return Draft("alert", tuple(admin), f"[relayd] Espace disque de nouveau suffisant sous {event.path}", body)
+
+
+def internal_error(event: PackageRejected, admin: Sequence[str]) -> Draft:
+    """relayd failed on a package several times in a row and put it in quarantine."""
+    body = (f"Bonjour,\n\nrelayd n'a pas pu traiter un paquet ({event.account}, {event.peer}"
+            f"{', dossier ' + event.numero if event.numero else ''}) malgré plusieurs essais : "
+            f"{_one_line(event.detail)}\n\nLe paquet est en quarantaine avec son motif (storage.root/quarantine) et "
+            f"la plateforme a reçu un accusé négatif (ANL) quand l'enveloppe le permettait. Le journal de relayd "
+            f"(événements intake.retry_later) dit ce qui a échoué.\n\n{SIGNATURE}\n")
+    return Draft("alert", tuple(admin), "[relayd] Un paquet n'a pas pu être traité (internal_error)", body)
+
+
 def rejections(events: Sequence[PackageRejected], minutes: float, admin: Sequence[str]) -> Draft:
     """Several packages were refused within a short time."""
     reasons = Counter(e.reason for e in events)

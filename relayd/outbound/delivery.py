@@ -35,6 +35,9 @@ log = structlog.get_logger("relayd.delivery")
 #: failures that say nothing about the entry itself, only about reaching the server: waited out, never dead-lettered.
 #: A host key that is not pinned holds the queue too (and alerts), until an admin pins the new key.
 OUTAGE_FAILURES = frozenset({"host_key_mismatch", "auth_failed", "connect_failed", "timeout"})
+#: failures of relayd's own disk (the outbox folder cannot take the file): waited out like an outage, never
+#: dead-lettered, but they say nothing of the return server, so they raise no outage alert
+LOCAL_FAILURES = frozenset({"outbox_unwritable"})
 #: failures that no retry can mend: the entry goes to dead-letter at once, for an operator
 PERMANENT_FAILURES = frozenset({"payload_missing", "remote_conflict", "remote_denied", "remote_dir_missing"})
 #: a ledger step that takes longer than this means the ledger (or its disk) is stuck
@@ -159,7 +162,8 @@ class DeliveryWorker:
                                                                 message=exc.message))
                         outage = exc.code in OUTAGE_FAILURES
                         await self._ledger("recording a failed attempt", self.outbox.failed, entry, exc.code,
-                                           exc.message, permanent=exc.code in PERMANENT_FAILURES, outage=outage)
+                                           exc.message, permanent=exc.code in PERMANENT_FAILURES,
+                                           outage=outage or exc.code in LOCAL_FAILURES)
                         if outage:
                             for rest in entries[i + 1:]:
                                 await self._ledger("recording a failed attempt", self.outbox.failed, rest, exc.code,
@@ -225,7 +229,14 @@ class DeliveryWorker:
     async def _deliver(self, entry: Entry) -> None:
         assert self.client is not None and self.server is not None
         if not entry.payload.is_file():
-            raise DeliveryError("payload_missing", f"the local copy {entry.payload} is gone; nothing can be sent")
+            # An ack is recorded with its package, its file written only now, before it is sent.
+            try:
+                present = await asyncio.to_thread(self.outbox.materialize, entry)
+            except OSError as exc:
+                raise DeliveryError("outbox_unwritable", f"the outbox folder cannot take the file to send "
+                                    f"({exc.strerror or type(exc).__name__}); it is written once the folder is usable")
+            if not present:
+                raise DeliveryError("payload_missing", f"the local copy {entry.payload} is gone; nothing can be sent")
         remote_dir = self.server.remote_dir if entry.kind == "Retour" else (self.server.acks_dir or self.server.remote_dir)
         log.debug("delivery.start", id=entry.id, kind=entry.kind, numero=entry.numero, remote_name=entry.remote_name)
         await self.client.deliver(entry.payload, entry.remote_name, remote_dir=remote_dir)

@@ -152,6 +152,66 @@ class Outbox:
             self.on_enqueue()
         return self.get(entry_id)
 
+    def owe(self, db: sqlite3.Connection, reply: ReplyPackage, queued: Queued) -> int:
+        """Record ``reply`` as owed, inside the caller's transaction; the file is written later.
+
+        The row carries the reply's bytes, so nothing but the ledger commit stands between an
+        outcome and the client's answer: :meth:`materialize` writes the file before it is sent.
+        Returns the new entry's id. Call :meth:`announce` once the transaction has committed.
+        """
+        now = self.clock()
+        key = queued.numero or f"message:{reply.message_id}"
+        cursor = db.execute(
+            "INSERT INTO outbox (created_at, kind, numero, queue_key, target_state, message_id, ref_message_id,"
+            " remote_name, payload, size, sha256, source_sha256, source, status, attempts, next_attempt_at, payload_data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+            (_iso(now), queued.kind, queued.numero, key, queued.target_state, reply.message_id,
+             queued.ref_message_id, reply.name, str(self.folder / reply.name), len(reply.data),
+             hashlib.sha256(reply.data).hexdigest(), queued.source_sha256, queued.source, now, reply.data),
+        )
+        entry_id = cursor.lastrowid
+        assert entry_id is not None
+        Ledger.event(db, queued.numero, "queued", f"{queued.kind} queued as outbox #{entry_id} ({reply.name})")
+        return entry_id
+
+    def announce(self, entry_id: int) -> None:
+        """Log an entry that :meth:`owe` recorded and wake the worker (after the commit)."""
+        entry = self.get(entry_id)
+        log.info("outbox.queued", id=entry.id, kind=entry.kind, numero=entry.numero, remote_name=entry.remote_name,
+                 size=entry.size)
+        if self.on_enqueue is not None:
+            self.on_enqueue()
+
+    def materialize(self, entry: Entry) -> bool:
+        """Write a pending entry's file from the bytes its row keeps, if the file is missing.
+
+        Returns whether the file is there now: False when the row has no bytes to write it
+        from (an entry queued file-first, whose file was lost). Raises OSError when the outbox
+        folder cannot take it (full, read-only, replaced by a file): the entry waits and the
+        caller tries again later.
+        """
+        if entry.payload.is_file():
+            return True
+        rows = self.ledger.query("SELECT payload_data FROM outbox WHERE id = ? AND status = 'pending'", (entry.id,))
+        data = rows[0]["payload_data"] if rows else None
+        if data is None or hashlib.sha256(data).hexdigest() != entry.sha256:
+            return False
+        ensure_dir(self.folder, 0o700)
+        write_durably(entry.payload, bytes(data), mode=0o600)
+        log.info("outbox.file_written", id=entry.id, kind=entry.kind, numero=entry.numero, remote_name=entry.remote_name)
+        return True
+
+    def repair(self) -> int:
+        """Write the missing files of pending entries that keep their bytes; returns how many were written.
+
+        Raises OSError, as :meth:`materialize` does, when the outbox folder is still unusable.
+        """
+        written = 0
+        for entry in self.entries(("pending",)):
+            if not entry.payload.is_file() and self.materialize(entry):
+                written += 1
+        return written
+
     def pending_ack(self, kind: str, ref_message_id: str) -> Entry | None:
         """A not-yet-delivered ack of this kind for this incoming message, if one waits."""
         rows = self.ledger.query(

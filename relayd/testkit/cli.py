@@ -33,7 +33,7 @@ _SPREAD_SECONDS = 30 * 24 * 3600
 
 _PUSH_EPILOG = """\
 exit status:
-  0  every file was accepted
+  0  every file was accepted (or was a resend of one already accepted: duplicate)
   1  the relay refused at least one file (and every other file was accepted)
   2  usage error, or at least one file could not be delivered (cannot connect,
      authentication failed, host key unknown or changed, connection lost, I/O error)
@@ -222,7 +222,8 @@ def _register_push(testkit_sub: argparse._SubParsersAction) -> None:
     p = testkit_sub.add_parser(
         "push", help="push packages to a relay over SFTP and report what it answered",
         description="Upload packages the way the platform does and print one line per file: "
-                    "'accepted', 'refused' with the relay's reason, or 'error'.",
+                    "'accepted', 'duplicate' (a resend the relay already had), 'refused' with the relay's reason, "
+                    "or 'error'.",
         epilog=_PUSH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="a package, or a folder (every *.zip in it, sorted)")
@@ -293,15 +294,15 @@ def _run_push(args: argparse.Namespace) -> int:
     else:
         for r in results:
             name = Path(r.file).name
-            if r.status == "accepted":
-                print(f"accepted  {name}")
+            if r.status in ("accepted", "duplicate"):
+                print(f"{r.status:<9} {name}")
             elif r.status == "refused":
                 print(f"refused   {name}  {r.message}")
             else:
                 print(f"error     {name}  {r.message}")
-    counts = {s: sum(r.status == s for r in results) for s in ("accepted", "refused", "error")}
-    print(f"{len(results)} file(s): {counts['accepted']} accepted, {counts['refused']} refused, {counts['error']} error(s)",
-          file=sys.stderr)
+    counts = {s: sum(r.status == s for r in results) for s in ("accepted", "duplicate", "refused", "error")}
+    print(f"{len(results)} file(s): {counts['accepted']} accepted, {counts['duplicate']} duplicate, "
+          f"{counts['refused']} refused, {counts['error']} error(s)", file=sys.stderr)
     errors = {r.message for r in results if r.status == "error" and r.message}
     if counts["error"] and len(errors) == 1:
         # One cause for every failure (typically the connection): say it once where people look.

@@ -21,6 +21,7 @@ import hmac
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -567,16 +568,26 @@ def _serve_in_background(args: argparse.Namespace) -> tuple[ReturnServer, _LoopT
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    """Run the return server until SIGINT or SIGTERM.
+
+    The handlers are our own: a background job starts with SIGINT ignored, and Python then
+    raises no KeyboardInterrupt, so relying on it would leave the server deaf to Ctrl-C and kill.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     server = _return_server(args)
     await server.start()
     print(f"return server on {server.host}:{server.port}, user {server.username}, host key {server.fingerprint}\n"
           f"replies land in {server.received}", file=sys.stderr, flush=True)
     try:
-        await asyncio.Event().wait()
-    except asyncio.CancelledError:
-        pass
+        await stop.wait()
     finally:
         await server.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print("return server stopped", file=sys.stderr, flush=True)
     return 0
 
 

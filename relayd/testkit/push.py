@@ -5,6 +5,8 @@ rename of ``<name>.part`` to ``<name>`` (``rename`` style). A refusal is an SFTP
 message is ``refused (<code>): <sentence>``. paramiko drops the server's answers to pipelined
 writes and to a close, so after each upload the name written is checked with a ``stat``: the relay
 answers it with the refusal, or the size it holds (a short size is a lost write on any server).
+The relay's answer to that ``stat`` (after the rename, in ``rename`` style) also says whether the
+package was a resend of one it had already accepted: ``duplicate``.
 
 Every worker thread has its own SSH connection; the files are shared out through one queue, so a
 slow package does not hold the others back.
@@ -40,7 +42,7 @@ __all__ = [
     "push_files",
 ]
 
-Status: TypeAlias = Literal["accepted", "refused", "error"]
+Status: TypeAlias = Literal["accepted", "duplicate", "refused", "error"]
 Style: TypeAlias = Literal["direct", "rename"]
 #: ``progress(files_done, files_total, bytes_done, bytes_total)``, called from worker threads (one at a time).
 ProgressCallback: TypeAlias = Callable[[int, int, int, int], None]
@@ -50,6 +52,8 @@ MAX_CONCURRENCY = 32
 _CHUNK = 32768  # paramiko's largest SFTP write request
 _TEMP_SUFFIX = ".part"
 _REFUSED_RE = re.compile(r"refused \(([a-z0-9_]+)\)")
+#: the extended attribute in which relayd says what became of a committed name (see relayd.inbound.server)
+_OUTCOME_ATTRIBUTE = "outcome@relayd"
 
 
 class PushError(Exception):
@@ -58,7 +62,8 @@ class PushError(Exception):
 
 @dataclass(frozen=True)
 class PushResult:
-    """What became of one file: ``accepted``, ``refused`` (``code`` is the relay's reason) or ``error``."""
+    """What became of one file: ``accepted``, ``duplicate`` (a resend the relay already had), ``refused``
+    (``code`` is the relay's reason) or ``error``."""
 
     file: str
     status: Status
@@ -102,7 +107,7 @@ def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 
 def exit_code(results: Sequence[PushResult]) -> int:
-    """0 if every file was accepted, 2 if any could not be delivered (error), else 1 (some refused)."""
+    """0 if every file was accepted (or was a resend already accepted), 2 if any could not be delivered, else 1."""
     if any(r.status == "error" for r in results):
         return 2
     if any(r.status == "refused" for r in results):
@@ -445,7 +450,8 @@ def _push_one_on(sftp: paramiko.SFTPClient, local: Path, style: Style, remote_di
         if style == "rename":
             step = "rename"
             _rename(sftp, target, final)
-        return done("accepted")
+            attrs = _answer_after_rename(sftp, final)
+        return done("duplicate" if _said_duplicate(attrs) else "accepted")
     except (OSError, EOFError, paramiko.SSHException) as exc:
         message = _describe(exc)
         if parse_refusal(message):
@@ -453,6 +459,28 @@ def _push_one_on(sftp: paramiko.SFTPClient, local: Path, style: Style, remote_di
         if _is_connection_error(exc, sftp):
             raise _ConnectionLost(f"connection lost before the relay answered (it may have the package): {message}") from None
         return done("error", f"{step} failed: {message}")
+
+
+def _said_duplicate(attrs: paramiko.SFTPAttributes | None) -> bool:
+    """Whether the relay's stat answer says the package was a resend of one it already had."""
+    extended = getattr(attrs, "attr", None) or {}
+    # paramiko's reader fills ``attr[get_string()] = get_string()``, which Python evaluates value first:
+    # the pair arrives swapped. Look for it either way round.
+    pairs = {frozenset(_text(x) for x in item) for item in extended.items()}
+    return frozenset({_OUTCOME_ATTRIBUTE, "duplicate"}) in pairs
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _answer_after_rename(sftp: paramiko.SFTPClient, final: str) -> paramiko.SFTPAttributes | None:
+    # The rename's own answer is only OK; the relay tells what it made of the package to a stat of the name.
+    # Any other server may not show the name at all: that is no failure, the rename succeeded.
+    try:
+        return sftp.stat(final)
+    except OSError:
+        return None
 
 
 def _upload(sftp: paramiko.SFTPClient, local: Path, target: str, sent: _Sent) -> str | None:
