@@ -142,7 +142,7 @@ def pusher(c: Campaign, count: int) -> None:
         while numero in seen:
             numero = random_numero(c.rng)
         seen.add(numero)
-        spec = SampleSpec(numero=numero, demarche="RCO", insee=INSEE)
+        spec = SampleSpec(numero=numero, demarche="recensementCitoyen", insee=INSEE)
         data = build_package(spec)
         with c.lock:
             c.pushed[hashlib.sha256(data).hexdigest()] = numero

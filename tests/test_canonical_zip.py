@@ -61,7 +61,7 @@ def _sha(data: bytes) -> str:
 
 
 def _spec(i: int, **kw) -> SampleSpec:
-    return SampleSpec(numero=f"A-1-CANON{i:03d}", demarche="RCO", insee="75056", **kw)
+    return SampleSpec(numero=f"A-1-CANON{i:03d}", demarche="recensementCitoyen", insee="75056", **kw)
 
 
 def test_accepted_packages_read_the_same_by_a_streaming_reader(make_relay, tmp_path):
@@ -137,7 +137,7 @@ def test_every_canonical_kind_is_refused_with_its_code(make_relay, tmp_path):
     relay = make_relay(limits={"max_package_bytes": 2 * 1024 * 1024})
     for i, kind in enumerate(CANONICAL_KINDS):
         local = tmp_path / f"{kind}.zip"
-        spec = SampleSpec(numero=f"A-1-KIND{i:04d}", demarche="RCO", insee="90017")
+        spec = SampleSpec(numero=f"A-1-KIND{i:04d}", demarche="recensementCitoyen", insee="90017")
         local.write_bytes(build_broken(kind, spec))
         with pytest.raises(OSError) as refused:
             paramiko_put(relay, local, f"{kind}.zip")
@@ -162,7 +162,7 @@ def test_names_that_collide_once_extracted_are_refused_whatever_the_delivery(mak
     relay = make_relay()
     kinds = ["summary-name-member", "file-and-folder", "pj-file-and-folder", "pj-dot-member", "case-collision"]
     for i, kind in enumerate(kinds):
-        spec = SampleSpec(numero=f"A-1-COLL{i:04d}", demarche="RCO", insee=insee)
+        spec = SampleSpec(numero=f"A-1-COLL{i:04d}", demarche="recensementCitoyen", insee=insee)
         local = tmp_path / f"{kind}.zip"
         local.write_bytes(build_broken(kind, spec))
         with pytest.raises(OSError, match=BROKEN_KINDS[kind].reason.value):
@@ -175,7 +175,7 @@ def test_names_that_collide_once_extracted_are_refused_whatever_the_delivery(mak
     anl = sorted(row["numero"] for row in relay.outbox() if row["kind"] == "ANL")
     assert anl == [f"A-1-COLL{i:04d}" for i in range(len(kinds))]
     # The relay still serves.
-    spec = SampleSpec(numero="A-1-COLLGOOD", demarche="RCO", insee=insee, scans=2)
+    spec = SampleSpec(numero="A-1-COLLGOOD", demarche="recensementCitoyen", insee=insee, scans=2)
     good = tmp_path / "good.zip"
     good.write_bytes(build_package(spec))
     paramiko_put(relay, good, package_filename(spec))

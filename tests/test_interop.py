@@ -137,7 +137,7 @@ def assert_delivered(relay: Relay, uploads_before: int, name: str) -> None:
 
 def broken_package(tmp_path: Path) -> tuple[Path, str]:
     """A package the relay must refuse (an XML external entity), with its platform-style name."""
-    spec = SampleSpec(numero="A-1-BRKN0001", demarche="RCO", insee="90017")
+    spec = SampleSpec(numero="A-1-BRKN0001", demarche="recensementCitoyen", insee="90017")
     local = tmp_path / "broken.zip"
     local.write_bytes(build_broken("xxe", spec))
     return local, package_filename(spec)

@@ -22,7 +22,7 @@ NUMERO = "A-9-LEDGER01"
 
 def package(relay, numero: str = NUMERO):
     """A generated package for commune 90017, written next to the relay."""
-    spec = SampleSpec(numero=numero, demarche="RCO", insee="90017")
+    spec = SampleSpec(numero=numero, demarche="recensementCitoyen", insee="90017")
     path = relay.root / package_filename(spec)
     path.write_bytes(build_package(spec))
     return path
@@ -196,7 +196,7 @@ def test_rebuild_from_the_archive_keeps_duplicates_and_dossiers(make_relay):
     status = relay.cli("status", "--json")
     assert status.returncode == 0, status.stderr
     counts = json.loads(status.stdout)["counts"]
-    assert [(c["insee"], c["demarche"], c["state"], c["count"]) for c in counts] == [("90017", "RCO", "transmis", 1)]
+    assert [(c["insee"], c["demarche"], c["state"], c["count"]) for c in counts] == [("90017", "recensementCitoyen", "transmis", 1)]
 
 
 def test_rebuild_keeps_a_ledger_that_still_opens_unless_forced(make_relay):

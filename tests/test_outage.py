@@ -23,7 +23,7 @@ def push(relay, numeros: list[str], folder: Path) -> None:
     client = paramiko_client(relay)
     try:
         for numero in numeros:
-            spec = SampleSpec(numero=numero, demarche="RCO", insee="90017")
+            spec = SampleSpec(numero=numero, demarche="recensementCitoyen", insee="90017")
             local = folder / package_filename(spec)
             local.write_bytes(build_package(spec))
             client.put(str(local), local.name + ".part")

@@ -81,7 +81,7 @@ def _pipelined_writes(client: paramiko.SFTPClient, handle: bytes, pieces: list[t
 
 
 def _package(numero: str, **kw) -> bytes:
-    return build_package(SampleSpec(numero=numero, demarche="RCO", insee="90017", **kw))
+    return build_package(SampleSpec(numero=numero, demarche="recensementCitoyen", insee="90017", **kw))
 
 
 # -- 1. each open for writing gets its own file --------------------------------------
@@ -106,7 +106,7 @@ def test_two_handles_in_one_session_cannot_change_a_committed_package(relay):
 
 def test_extracted_delivery_and_archive_match_what_was_verified(relay):
     """For a commune with extracted delivery: a second handle's writes change neither the files nor the archive."""
-    package = build_package(SampleSpec(numero="A-3-EXTRACT1", demarche="RCO", insee="75056"))
+    package = build_package(SampleSpec(numero="A-3-EXTRACT1", demarche="recensementCitoyen", insee="75056"))
     with _session(relay) as client:
         first = client.open("X.zip", "w")
         second = client.open("X.zip", "w")
