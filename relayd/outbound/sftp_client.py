@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import posixpath
+import socket
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
