@@ -89,6 +89,8 @@ def build_demo(folder: Path, *, port: int = 2222, platform: dict[str, Any] | Non
                            + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return {
         "config": str(config_path),
+        # For `testkit platform --demo`: which broken kinds this relay can refuse (see testkit.broken's oversized).
+        "limits": {"max_package_bytes": config["limits"]["max_package_bytes"]},
         "sftp": {"host": "127.0.0.1", "port": port, "username": DEMO_ACCOUNT, "password": password,
                  "private_key": str(key_path)},
         "communes": {c["insee"]: {"inbox": str(folder / "inbox" / c["insee"]), "name": c["name"],

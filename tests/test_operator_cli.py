@@ -144,3 +144,17 @@ def test_demo_port_0_binds_nothing_fixed_and_allowlists_only_loopback(tmp_path):
 
     config = load_config(info["config"])
     assert [str(n) for n in config.defender.allowlist] == ["127.0.0.1/32"]
+
+
+def test_broken_all_against_the_demo_says_oversized_cannot_be_refused(capsys, tmp_path):
+    from relayd.demo import build_demo
+    from relayd.testkit.broken import BROKEN_KINDS, OVERSIZED_BYTES
+    from relayd.testkit.platform import _feasible
+
+    limit = build_demo(tmp_path / "demo")["limits"]["max_package_bytes"]
+    assert limit > OVERSIZED_BYTES  # the demo takes real-sized packages
+    kept = _feasible(sorted(BROKEN_KINDS), limit, explicit=False)
+    assert "oversized" not in kept and len(kept) == len(BROKEN_KINDS) - 1
+    assert "'oversized'" in capsys.readouterr().err
+    assert _feasible(["oversized"], limit, explicit=True) == ["oversized"]
+    assert _feasible(["oversized"], 2 * 1024 * 1024, explicit=False) == ["oversized"]
