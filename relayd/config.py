@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Literal
 
 import asyncssh
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from relayd.config_source import Source, SourceError, explain, leading_loc, read_source

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from conftest import REPO, wait_for
+from conftest import wait_for
 
 
 def _relayd(*args: str, **kw) -> subprocess.CompletedProcess:

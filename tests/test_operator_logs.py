@@ -32,7 +32,7 @@ def test_every_line_off_a_terminal_has_a_priority_and_a_refusal_is_a_warning(mak
              what="the refusal in the log")
     relay.stop()
     lines = [line for line in relay.log_text().splitlines() if line.strip()]
-    assert lines and all(PREFIXED.match(line) for line in lines), [l for l in lines if not PREFIXED.match(l)]
+    assert lines and all(PREFIXED.match(line) for line in lines), [x for x in lines if not PREFIXED.match(x)]
     refusal = next(line for line in lines if "rejected" in line.split()[0])
     assert refusal.startswith("<4>"), refusal
     assert "reason=" in refusal or "code=" in refusal, refusal
@@ -139,3 +139,37 @@ def test_a_return_server_name_that_does_not_resolve_reads_as_a_sentence(tmp_path
     error = asyncio.run(attempt())
     assert "no-such-host.relayd-test.invalid" in error.message and "does not resolve" in error.message, error.message
     assert "Unknown error" not in error.message
+
+
+def test_on_the_journal_lines_carry_no_timestamp_of_their_own(tmp_path, monkeypatch):
+    """journald stamps each entry; on a file (not the journal) the line keeps its own time."""
+    import structlog
+
+    from relayd.logs import configure_logging
+
+    import logging
+
+    handlers = logging.getLogger().handlers[:]
+    try:
+        _log_one_warning_each_way(tmp_path, monkeypatch, configure_logging, structlog)
+    finally:
+        logging.getLogger().handlers[:] = handlers  # the test process logs as before
+        structlog.reset_defaults()
+
+
+def _log_one_warning_each_way(tmp_path, monkeypatch, configure_logging, structlog) -> None:
+    import os
+
+    for on_journal in (True, False):
+        path = tmp_path / f"log-{on_journal}"
+        with open(path, "w") as stream:
+            st = os.fstat(stream.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}" if on_journal else "0:0")
+            configure_logging("auto", "info", stream=stream)
+            structlog.get_logger("relayd.test").warning("intake.rejected", reason="xml_forbidden",
+                                                        detail="a DOCTYPE\non two lines", password="hunter2")
+        [line] = path.read_text().splitlines()
+        assert line.startswith("<4>intake.rejected ")
+        assert "reason=xml_forbidden" in line and 'detail="a DOCTYPE\\non two lines"' in line
+        assert "hunter2" not in line
+        assert ("ts=" in line) is not on_journal
