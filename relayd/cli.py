@@ -238,18 +238,22 @@ def _load_or_exit(path: Path) -> Config:
 
 def _check_config(args: argparse.Namespace) -> int:
     from relayd.config import load_config_source
+    from relayd.logs import error_line
 
     path = args.config
     try:
         config, source = load_config_source(path)
     except ConfigError as exc:
-        print(f"relayd: invalid configuration\n{exc}", file=sys.stderr)
-        return 2
-    problems, warnings = _config_problems(config, source, as_user=args.as_user, resolve=not args.no_resolve)
+        problems, warnings = str(exc).splitlines(), []
+    else:
+        problems, warnings = _config_problems(config, source, as_user=args.as_user, resolve=not args.no_resolve)
+    # Under ExecStartPre= these lines go to the journal: each carries its priority there.
     for warning in warnings:
-        print(f"relayd: warning: {warning}", file=sys.stderr)
+        error_line(f"relayd: warning: {warning}", level="warning")
     if problems:
-        print("relayd: invalid configuration\n" + "\n".join(problems), file=sys.stderr)
+        error_line("relayd: invalid configuration")
+        for problem in problems:
+            error_line(problem)
         return 2
     print(f"{path}: OK ({len(config.accounts)} account(s), {len(config.communes)} commune(s), "
           f"return server {'configured' if config.platform else 'not configured: acks and returns wait in the outbox'})")
@@ -283,6 +287,7 @@ def _run(config: Config, path: Path, debug: bool = False) -> int:
 def _demo(folder: Path, port: int, platform_port: int | None, debug: bool = False) -> int:
     from relayd import daemon
     from relayd.logs import error_line
+    from relayd.start_failure import ListenError
     from relayd.demo import DEMO_PLATFORM_PORT, build_demo, relay_client_key, write_demo_json, write_known_hosts
     from relayd.testkit.platform import ReturnServer
 
@@ -298,7 +303,10 @@ def _demo(folder: Path, port: int, platform_port: int | None, debug: bool = Fals
         nonlocal config
         platform = ReturnServer(folder.resolve() / "platform", port=platform_port,
                                 authorized_keys=[key.with_name(key.name + ".pub").read_text().strip()])
-        await platform.start()
+        try:
+            await platform.start()
+        except OSError as exc:
+            raise ListenError("127.0.0.1", platform_port, exc) from None
         try:
             build_demo(folder, port=port, platform=platform.relay_settings(key))
             config = _load_for_start(Path(info["config"]))

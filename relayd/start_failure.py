@@ -25,8 +25,19 @@ EXIT_STORAGE = 5
 _LISTEN_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM}
 
 
+class ListenError(Exception):
+    """An address other than ``server.listen`` could not be bound (the demo's platform simulator)."""
+
+    def __init__(self, host: str, port: int, error: OSError):
+        super().__init__(f"{host}:{port}")
+        self.host, self.port, self.error = host, port, error
+
+
 def explain(exc: BaseException, config: Config) -> tuple[int, str]:
     """The exit status and the one-line cause for an exception that stopped the start."""
+    if isinstance(exc, ListenError):
+        reason = os.strerror(exc.error.errno) if exc.error.errno else str(exc.error)
+        return EXIT_LISTEN, f"cannot listen on {exc.host}:{exc.port}: {reason} (--platform-port 0 picks a free port)"
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG, "invalid configuration: " + "; ".join(str(exc).splitlines())
     keys = [Path(k) for k in config.server.host_keys]
