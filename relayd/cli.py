@@ -28,7 +28,7 @@ Run a relay with `relayd run -c FILE` (systemd does), or try it on loopback with
 _EPILOG = """\
 exit status: 0 success; 1 the command ran and found trouble (see its help); 2 a configuration or
 usage error; run also exits 3 when it cannot listen, 4 when it cannot read a key or secret, 5 when
-it cannot write its storage, 1 on any other failure. Full documentation: README.md, man relayd."""
+it cannot write its storage, 65 or 75 when the ledger cannot be used, 1 on any other failure. Full documentation: README.md, man relayd."""
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_retention.add_argument("--json", action="store_true", help="print JSON")
     p_retention.add_argument("--now", metavar="ISO8601", type=_moment, help="purge as if it were this time")
 
+    p_fp = sub.add_parser("fingerprints", help="print the host keys as known_hosts lines, with SHA256 and MD5 fingerprints")
+    add_config_argument(p_fp)
+    p_fp.add_argument("--host", help="the name the platform connects to (default: the listening address)")
+
+    from relayd.ledger_admin import register as register_ledger
+
+    register_ledger(sub)
+
     # Commands in their own modules: each adds its parser and sets `func` (one line per module).
     from relayd import completion, dossier, keygen
 
@@ -120,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     from relayd.testkit.cli import register as register_testkit
 
     register_testkit(sub)
+
+    from relayd.inbound.defender_commands import register as register_defender
+
+    register_defender(sub, DEFAULT_CONFIG)
     return parser
 
 
@@ -165,6 +177,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.outbox_purge(config, args.ids)
     if args.command in ("status", "retention"):
         return _ledger_report(args)
+    if args.command == "fingerprints":
+        from relayd.fingerprints import run_command as fingerprints
+
+        return fingerprints(_load_or_exit(args.config), args.host)
+    if args.command == "defender":
+        from relayd.inbound.defender_commands import run as run_defender
+
+        return run_defender(args, _load_or_exit(args.config))
+    if args.command == "ledger":
+        from relayd.ledger_admin import run_command as ledger_command
+
+        return ledger_command(_load_or_exit(args.config), args)
     if args.command == "testkit":
         from relayd.testkit.cli import run as run_testkit
 
@@ -177,7 +201,7 @@ def _ledger_report(args: argparse.Namespace) -> int:
     from contextlib import closing
 
     from relayd.clock import SYSTEM_CLOCK, Clock
-    from relayd.ledger import Ledger
+    from relayd.ledger import Ledger, LedgerUnusable
 
     config = _load_or_exit(args.config)
     now = (Clock.at(args.now) if args.now is not None else SYSTEM_CLOCK).now()
@@ -185,7 +209,12 @@ def _ledger_report(args: argparse.Namespace) -> int:
         print(f"relayd: no ledger at {config.storage.ledger}: relayd has not run with this configuration",
               file=sys.stderr)
         return 2
-    with closing(Ledger(config.storage.ledger)) as ledger:
+    try:
+        ledger = Ledger(config.storage.ledger)
+    except LedgerUnusable as exc:
+        print(f"relayd: {exc.message}", file=sys.stderr)
+        return exc.exit_status
+    with closing(ledger):
         if args.command == "status":
             from relayd.deadlines import run_command as status
 
@@ -255,6 +284,11 @@ def _check_config(args: argparse.Namespace) -> int:
         for problem in problems:
             error_line(problem)
         return 2
+    legacy = [f"{listen.host}:{listen.port}" for listen in config.server.listeners() if listen.profile == "legacy"]
+    if legacy:
+        from relayd.ssh_algorithms import legacy_warning
+
+        print(f"relayd: warning: {path}: {legacy_warning(legacy)}", file=sys.stderr)
     print(f"{path}: OK ({len(config.accounts)} account(s), {len(config.communes)} commune(s), "
           f"return server {'configured' if config.platform else 'not configured: acks and returns wait in the outbox'})")
     return 0

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from relayd.config_source import Source, SourceError, explain, leading_loc, read_source
 from relayd.inbound.passwords import hash_password, is_password_hash
 from relayd.pec.zipcheck import PackageLimits
+from relayd.ssh_algorithms import ProfileName
 
 INSEE_PATTERN = r"^(?:[0-9]{5}|2[AB][0-9]{3})$"
 
@@ -54,16 +55,58 @@ class Listen(_Strict):
     port: int = Field(default=2222, ge=0, le=65535)
 
 
+class SFTPListen(Listen):
+    """One address the SFTP server listens on, with the algorithm profile it offers there."""
+
+    profile: ProfileName | None = Field(
+        default=None, description="modern or legacy; default: server.profile. Negotiated before login, so per listener"
+    )
+
+
+#: The host key types relayd can make and serve, by their name in the configuration.
+HOST_KEY_TYPES: dict[str, str] = {"ed25519": "ssh-ed25519", "ecdsa": "ecdsa-sha2-nistp256", "rsa": "ssh-rsa"}
+HostKeyType = Literal["ed25519", "ecdsa", "rsa"]
+
+
 class Limits(PackageLimits):
     """Package bounds (see :class:`PackageLimits`) plus the server's own."""
 
-    max_sessions: int = Field(default=32, gt=0, description="concurrent SSH connections, all accounts")
-    max_sessions_per_ip: int = Field(default=8, gt=0, description="concurrent SSH connections from one address")
+    max_sessions: int = Field(default=32, gt=0, description="concurrent logged-in SSH connections, all accounts")
+    max_sessions_per_ip: int = Field(
+        default=8, gt=0, description="concurrent logged-in SSH connections from one address (defender prefix)"
+    )
+    max_startups: str = Field(
+        default="10:30:100", pattern=r"^\d+(:\d+:\d+)?$",
+        description="unauthenticated connections, as OpenSSH's MaxStartups start:rate:full (random early drops)",
+    )
+    max_startups_per_ip: int = Field(
+        default=8, gt=0, description="unauthenticated connections from one address (defender prefix)"
+    )
     min_free_bytes: int = Field(
         default=1024 * 1024 * 1024, ge=0, description="uploads are refused while less than this is free under storage.root"
     )
     max_upload_bytes_per_session: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
-    login_timeout_seconds: float = Field(default=30.0, gt=0)
+    login_timeout_seconds: float = Field(default=10.0, gt=0, description="to authenticate, from the TCP accept")
+
+    @field_validator("max_startups")
+    @classmethod
+    def _startups_in_order(cls, value: str) -> str:
+        start, rate, full = startups(value)
+        if not (0 < start <= full and rate <= 100):
+            raise ValueError("must read start:rate:full with 0 < start <= full and rate <= 100, e.g. 10:30:100")
+        return value
+
+    def startup_budget(self) -> tuple[int, int, int]:
+        """``max_startups`` as (start, rate, full)."""
+        return startups(self.max_startups)
+
+
+def startups(value: str) -> tuple[int, int, int]:
+    """OpenSSH's MaxStartups ``start:rate:full`` (a single number N means N:100:N: no random drops before N)."""
+    parts = [int(p) for p in value.split(":")]
+    if len(parts) == 1:
+        return parts[0], 100, parts[0]
+    return parts[0], parts[1], parts[2]
 
 
 class Account(_Strict):
@@ -77,6 +120,9 @@ class Account(_Strict):
     authorized_keys_file: Path | None = None
     communes: list[str] = Field(min_length=1, description="INSEE codes this account may deliver for")
     drop_dir: Path | None = Field(default=None, description="default: <storage.root>/drop/<username>")
+    directory: str | None = Field(
+        default=None, description="the directory the platform was given (e.g. /depot): an alias of the drop folder"
+    )
     allowed_ips: list[IPv4Network | IPv6Network] = Field(
         default_factory=list, description="addresses or networks this account may log in from; empty: any"
     )
@@ -97,6 +143,16 @@ class Account(_Strict):
             except (ValueError, asyncssh.KeyImportError):
                 raise ValueError(f"entry {i} is not an OpenSSH public key line") from None
         return value
+
+    @field_validator("directory")
+    @classmethod
+    def _absolute_directory(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = [p for p in value.split("/") if p]
+        if not value.startswith("/") or not parts or any(p in (".", "..") or "\x00" in p for p in parts):
+            raise ValueError("must be an absolute SFTP path below / such as /depot, without '.' or '..'")
+        return "/" + "/".join(parts)
 
     @model_validator(mode="after")
     def _needs_a_credential(self) -> Account:
@@ -173,8 +229,10 @@ class Retry(_Strict):
     factor: float = Field(default=2.0, ge=1)
     max_seconds: float = Field(default=900.0, gt=0, description="the cap on one wait")
     jitter: float = Field(default=0.2, ge=0, le=1, description="each wait varies by up to this fraction")
-    max_attempts: int = Field(default=200, gt=0, description="then the entry goes to dead-letter")
-    max_age_hours: float = Field(default=72.0, gt=0, description="or once it is this old")
+    max_attempts: int = Field(
+        default=200, gt=0, description="then an entry the server keeps refusing goes to dead-letter (never for an outage)"
+    )
+    max_age_hours: float = Field(default=72.0, gt=0, description="or once it is this old (never for an outage)")
 
 
 class ReturnServer(_Strict):
@@ -197,6 +255,9 @@ class ReturnServer(_Strict):
     operation_timeout_seconds: float = Field(default=120.0, gt=0)
     idle_seconds: float = Field(default=60.0, ge=0, description="an idle connection is kept this long for reuse")
     retry: Retry = Retry()
+    alert_after_hours: float = Field(
+        default=1.0, gt=0, description="an outage of the return server this long alerts the administrator (it still waits)"
+    )
 
     @field_validator("host_key_fingerprints")
     @classmethod
@@ -235,6 +296,9 @@ class Returns(_Strict):
 
 class Storage(_Strict):
     root: Path
+    ledger_lock_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="at start, how long to wait for a ledger another process holds, then give up"
+    )
 
     @property
     def drop(self) -> Path:
@@ -332,7 +396,7 @@ class Deadlines(_Strict):
 
 
 class Defender(_Strict):
-    """Bans an address that fails to log in too often; each new ban lasts longer."""
+    """Bans a network prefix that fails to log in too often; each new ban lasts longer. Kept in the ledger."""
 
     enabled: bool = True
     max_failures: int = Field(default=5, gt=0, description="failed logins within window_seconds that bring a ban")
@@ -340,7 +404,22 @@ class Defender(_Strict):
     ban_seconds: float = Field(default=900.0, gt=0, description="the first ban")
     ban_factor: float = Field(default=2.0, ge=1, description="each later ban of the same address lasts this much longer")
     max_ban_seconds: float = Field(default=86400.0, gt=0)
-    allowlist: list[IPv4Network | IPv6Network] = Field(default_factory=list, description="never banned")
+    allowlist: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list, description="never banned, never dropped early, never held by the global budget"
+    )
+    ipv4_prefix: int = Field(default=32, ge=8, le=32, description="IPv4 addresses are counted and banned by this prefix")
+    ipv6_prefix: int = Field(default=64, ge=16, le=128, description="IPv6 addresses are counted and banned by this prefix")
+    unauthenticated_weight: float = Field(
+        default=0.25, ge=0, le=1, description="what a connection that ends without trying to log in counts"
+    )
+    global_failures_per_minute: int | None = Field(
+        default=None, gt=0,
+        description="past this many failures a minute, all addresses together, only allowlisted and known-good "
+                    "addresses may connect; none: no global budget",
+    )
+    known_good_days: float = Field(
+        default=30.0, ge=0, description="an address that logged in within this many days is known-good"
+    )
 
 
 class Metrics(_Strict):
@@ -368,17 +447,55 @@ class Logging(_Strict):
 
 
 class Server(_Strict):
-    listen: Listen = Listen()
+    listen: SFTPListen = SFTPListen()
+    extra_listen: list[SFTPListen] = Field(
+        default_factory=list, description="more addresses to listen on, each with its own profile (e.g. one legacy port)"
+    )
+    profile: ProfileName = Field(default="modern", description="the algorithms offered: modern, or legacy (SHA-1)")
+
     host_keys: list[Path] = Field(
         default_factory=lambda: [Path("host_keys/ssh_host_ed25519_key")],
         description="default: <storage.root>/host_keys/ssh_host_ed25519_key, where the service may write it",
     )
-    # Which upload names are temporary: a rename from one of these to a package name commits.
-    temporary_suffixes: list[str] = Field(default_factory=lambda: [".tmp", ".part", ".filepart", ".partial"])
-    package_suffixes: list[str] = Field(default_factory=lambda: [".zip"])
+    host_key_types: list[HostKeyType] = Field(
+        default_factory=lambda: ["ed25519", "ecdsa", "rsa"],
+        min_length=1,
+        description="the host key types served; one missing from host_keys is made beside the first of them",
+    )
+    # Which upload names are temporary: a rename from one of these to a package name commits. Matched
+    # without regard to case, and before the package suffixes: `.in.X.zip.` or `inprogress.X.zip` is temporary.
+    temporary_prefixes: list[str] = Field(
+        default_factory=lambda: [".", "inprogress."],
+        description="a name starting with one of these is temporary (`.` covers lftp's `.in.X.zip.`)",
+    )
+    temporary_suffixes: list[str] = Field(
+        default_factory=lambda: [".tmp", ".part", ".filepart", ".partial", ".writing", ".inprogress", ".upload"],
+        description="a name ending with one of these is temporary",
+    )
+    package_suffixes: list[str] = Field(default_factory=lambda: [".zip"], description="matched without regard to case")
     stop_grace_seconds: float = Field(
         default=30.0, ge=0, description="on SIGTERM, uploads in flight have this long to finish before they are cut"
     )
+
+    @field_validator("temporary_prefixes", "temporary_suffixes", "package_suffixes")
+    @classmethod
+    def _plain_affixes(cls, value: list[str]) -> list[str]:
+        for affix in value:
+            if not affix or "/" in affix or "\x00" in affix:
+                raise ValueError(f"{affix!r}: must be a non-empty name fragment without '/'")
+        return value
+
+    @field_validator("host_key_types")
+    @classmethod
+    def _distinct_types(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a host key type appears more than once")
+        return value
+
+    def listeners(self) -> list[SFTPListen]:
+        """Every address to listen on (``listen`` first, then ``extra_listen``), each with its profile resolved."""
+        entries = [self.listen, *self.extra_listen]
+        return [e if e.profile is not None else e.model_copy(update={"profile": self.profile}) for e in entries]
 
 
 class Config(_Strict):

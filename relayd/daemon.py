@@ -27,9 +27,11 @@ from relayd.clock import SYSTEM_CLOCK, Clock
 from relayd.config import Config, ConfigError, load_config
 from relayd.events import Events
 from relayd.fsutil import ensure_dir, resolve_gid, share_dir
+from relayd.inbound.host_keys import ensure_host_keys
 from relayd.inbound.intake import Intake
-from relayd.inbound.server import InboundServer, ServerState, load_host_keys, resolve_auth
-from relayd.ledger import Ledger
+from relayd.inbound.server import InboundServer, ServerState, resolve_auth
+from relayd.inbound.uploads import UploadArea
+from relayd.ledger_admin import open_for_run
 from relayd.mail import Mailer
 from relayd.metrics import Metrics
 from relayd.outbound.acks import Acknowledger
@@ -75,6 +77,7 @@ def prepare_storage(config: Config) -> None:
     prepare_folders(config)
     for account in config.accounts:
         # No session is open before the server starts, so whatever sits here was never committed.
+        UploadArea(config.drop_dir(account)).discard_leftovers(account.username)
         for leftover in config.drop_dir(account).iterdir():
             if leftover.is_file() or leftover.is_symlink():
                 log.warning("startup.partial_removed", account=account.username, upload=leftover.name,
@@ -93,7 +96,7 @@ async def run(config: Config, *, config_path: Path | None = None,
     prepare_storage(config)
     loop = asyncio.get_running_loop()
     events = Events()
-    ledger = Ledger(config.storage.ledger)
+    ledger = open_for_run(config)
     outbox = Outbox.from_config(ledger, config)
     outbox.events = events
     worker = DeliveryWorker(outbox, config.platform, events=events)
@@ -107,9 +110,8 @@ async def run(config: Config, *, config_path: Path | None = None,
     if recovered:
         log.info("startup.recovered", packages=len(recovered))
     state = ServerState(config=config, intake=intake, auth=resolve_auth(config), events=events)
-    server = InboundServer(state, load_host_keys(config.server.host_keys))
-    inherited = listen_sockets()
-    await server.start(sock=inherited[0] if inherited else None)
+    server = InboundServer(state, ensure_host_keys(config))
+    await server.start(socks=listen_sockets())
     watcher = DropWatcher(_return_dirs(config), settle_seconds=config.returns.settle_seconds,
                           rescan_seconds=config.returns.rescan_seconds)
     watcher.start()
@@ -198,6 +200,9 @@ def _needs_restart(old: Config, new: Config) -> list[tuple[str, object, object]]
 
     (The metrics endpoint says so itself for its own address.)
     """
-    pairs = [("server.listen", old.server.listen, new.server.listen), ("storage.root", old.storage.root, new.storage.root),
-             ("server.host_keys", old.server.host_keys, new.server.host_keys)]
+    pairs = [("server.listen", old.server.listen, new.server.listen),
+             ("server.extra_listen", old.server.extra_listen, new.server.extra_listen), ("storage.root", old.storage.root, new.storage.root),
+             ("server.host_keys", old.server.host_keys, new.server.host_keys),
+             ("server.host_key_types", old.server.host_key_types, new.server.host_key_types),
+             ("server.profile", old.server.profile, new.server.profile)]
     return [(key, str(a), str(b)) for key, a, b in pairs if a != b]

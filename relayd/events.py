@@ -94,11 +94,13 @@ class AuthFailed:
 
 @dataclass(frozen=True)
 class AddressBanned:
-    """The defender banned an address."""
+    """The defender banned a prefix; ``ip`` is the address whose failure brought the ban."""
 
     ip: str
     seconds: float
-    failures: int
+    failures: float
+    #: the network banned, e.g. ``192.0.2.0/24`` (``defender.ipv4_prefix`` / ``ipv6_prefix``)
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,23 @@ class DiskLow:
     path: str
 
 
+@dataclass(frozen=True)
+class ReturnServerOutage:
+    """The return server has been out of reach for ``platform.alert_after_hours`` (``down``), or is back (not ``down``)."""
+
+    down: bool
+    host: str
+    port: int
+    #: how long it has lasted so far (down), or lasted in all (back)
+    seconds: float
+    error_code: str
+    error: str
+    #: entries waiting for it
+    pending: int
+
+
 Event = (PackageReceived | PackageAccepted | PackageRejected | ReplyDelivered | DeadLetter | HostKeyMismatch
-         | AuthFailed | AddressBanned | DiskLow)
+         | AuthFailed | AddressBanned | DiskLow | ReturnServerOutage)
 Listener = Callable[[Event], None]
 
 

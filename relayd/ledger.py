@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -98,6 +99,34 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_status ON outbox(status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_queue ON outbox(queue_key, id);
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_source ON outbox(source_sha256) WHERE source_sha256 IS NOT NULL;
+
+-- The defender's memory (relayd/inbound/banbook.py). Times are Unix seconds, so that they outlive a restart.
+-- A prefix is a network ('203.0.113.7/32', '2001:db8:1:2::/64'); lo and hi are its first and last address as
+-- 32 hex digits (IPv4 in the IPv4-mapped range), so that "which ban holds this address" is a range query.
+CREATE TABLE IF NOT EXISTS defender_failures (
+    id      INTEGER PRIMARY KEY,
+    at      REAL NOT NULL,
+    prefix  TEXT NOT NULL,
+    weight  REAL NOT NULL,
+    method  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS defender_failures_prefix ON defender_failures(prefix, at);
+CREATE INDEX IF NOT EXISTS defender_failures_at ON defender_failures(at);
+CREATE TABLE IF NOT EXISTS defender_bans (
+    prefix        TEXT PRIMARY KEY,
+    lo            TEXT NOT NULL,
+    hi            TEXT NOT NULL,
+    banned_at     REAL NOT NULL,
+    banned_until  REAL NOT NULL,
+    bans          INTEGER NOT NULL,
+    failures      REAL NOT NULL,
+    last_ip       TEXT
+);
+CREATE INDEX IF NOT EXISTS defender_bans_range ON defender_bans(lo, hi);
+CREATE TABLE IF NOT EXISTS defender_logins (
+    prefix      TEXT PRIMARY KEY,
+    last_login  REAL NOT NULL
+);
 """
 
 # Columns added after the first release: an older ledger gains them at open.
@@ -106,6 +135,10 @@ _MIGRATIONS = {
         "routing": "TEXT",
         "requested_state": "TEXT CHECK (requested_state IN ('recu', 'clos'))",
         "scrubbed_at": "TEXT",  # set by retention once the dossier's personal data has left the ledger
+    },
+    "outbox": {
+        # of ``attempts``, those an outage of the return server took: they do not count towards dead-letter
+        "outage_attempts": "INTEGER NOT NULL DEFAULT 0",
     },
 }
 
@@ -134,25 +167,95 @@ class DuplicatePackage(Exception):
     """Another worker accepted the same content first."""
 
 
+#: exit status of ``relayd run`` when the ledger cannot be used as it is (corrupt, or forgotten while storage
+#: shows earlier use): an operator must act, so systemd must not restart (sysexits' EX_DATAERR)
+EXIT_LEDGER_UNUSABLE = 65
+#: exit status when the ledger stayed locked by another process past ``storage.ledger_lock_timeout_seconds``:
+#: a restart may succeed (sysexits' EX_TEMPFAIL)
+EXIT_LEDGER_LOCKED = 75
+
+
+class LedgerUnusable(Exception):
+    """The ledger cannot be opened; ``message`` is one line for a sysadmin, ``exit_status`` what ``relayd run`` returns."""
+
+    def __init__(self, message: str, exit_status: int = EXIT_LEDGER_UNUSABLE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_status = exit_status
+
+
+def is_fresh(path: Path) -> bool:
+    """Whether opening ``path`` would start an empty ledger: no file, or a 0-byte one (SQLite takes both as new)."""
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
+
+
 class Ledger:
     """A handle on the ledger file. Safe to share between threads of one process."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, lock_timeout: float = 30.0, on_wait: Callable[[], None] | None = None):
+        """Open (or create) the ledger; raise :class:`LedgerUnusable` if it is corrupt or stays locked.
+
+        ``on_wait`` is called once, at once, if another process holds the ledger, before waiting
+        up to ``lock_timeout`` seconds for it.
+        """
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        # No busy wait while opening: a lock held elsewhere must be said at once, not waited out in silence.
+        self._db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
+        deadline = time.monotonic() + lock_timeout
+        waited = False
+        while True:
+            try:
+                self._open()
+                break
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc):
+                    self._db.close()
+                    raise _unusable(path, exc) from None
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                if time.monotonic() >= deadline:
+                    self._db.close()
+                    raise LedgerUnusable(
+                        f"the ledger {path} is still locked by another process after {lock_timeout:g} s "
+                        "(another relayd, a backup or an sqlite3 shell?); stop it and start relayd again",
+                        EXIT_LEDGER_LOCKED) from None
+                time.sleep(0.1)
+            except sqlite3.DatabaseError as exc:
+                self._db.close()
+                raise _unusable(path, exc) from None
+        self._db.execute("PRAGMA busy_timeout = 30000")
+
+    def _open(self) -> None:
+        """Check the file, then bring the schema up to date in a write transaction (so that a lock shows now)."""
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Outside the write transaction: in WAL mode the check only reads, and holds up no writer of the daemon.
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems))
         with self._lock:
-            self._db.executescript(_SCHEMA)
-            for table, columns in _MIGRATIONS.items():
-                have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
-                for name, decl in columns.items():
-                    if name not in have:
-                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                for table, columns in _MIGRATIONS.items():
+                    have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                    for name, decl in columns.items():
+                        if name not in have:
+                            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the connection."""
@@ -272,3 +375,14 @@ class Ledger:
     @staticmethod
     def _event(db: sqlite3.Connection, numero: str | None, kind: str, detail: str, *, at: str) -> None:
         db.execute("INSERT INTO events (at, numero, kind, detail) VALUES (?, ?, ?, ?)", (at, numero, kind, detail))
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _unusable(path: Path, exc: sqlite3.Error) -> LedgerUnusable:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return LedgerUnusable(
+        f"the ledger {path} is corrupt ({first[:200]}); relayd will not start on it. "
+        f"Move it aside and run `relayd ledger rebuild -c <config>`, or restore a backup (`relayd ledger backup`)")

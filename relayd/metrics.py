@@ -41,6 +41,7 @@ from relayd.events import (
     PackageReceived,
     PackageRejected,
     ReplyDelivered,
+    ReturnServerOutage,
 )
 from relayd.ledger import Ledger
 from relayd.rejections import Reason
@@ -104,6 +105,9 @@ class Metrics:
         self.bans = Counter("relayd_bans", "Addresses banned by the brute-force defender.", registry=r)
         self.disk_low = Gauge("relayd_disk_low", "1 while free space under the storage root is below the threshold.",
                               registry=r)
+        self.return_server_down = Gauge(
+            "relayd_return_server_down",
+            "1 while the return server has been out of reach for platform.alert_after_hours or more.", registry=r)
         for kind in REPLY_KINDS:
             # Series exist from the start, so rate() and alerts see a 0 rather than nothing.
             self.delivered.labels(kind=kind)
@@ -122,6 +126,7 @@ class Metrics:
             AuthFailed: lambda e: self.auth_failures.labels(method=_bounded(e.method, AUTH_METHODS)).inc(),
             AddressBanned: lambda e: self.bans.inc(),
             DiskLow: lambda e: self.disk_low.set(1 if e.low else 0),
+            ReturnServerOutage: lambda e: self.return_server_down.set(1 if e.down else 0),
         }
 
     # -- events ----------------------------------------------------------------------

@@ -30,6 +30,20 @@ class Reason(StrEnum):
     ZIP_ENCRYPTED = "zip_encrypted"
     ZIP_UNSUPPORTED = "zip_unsupported"
     PJ_ZIP_UNSAFE = "pj_zip_unsafe"
+    # One canonical zip: every reader (central directory or streaming) must see the same members.
+    ZIP_LEADING_DATA = "zip_leading_data"
+    ZIP_TRAILING_DATA = "zip_trailing_data"
+    ZIP_MULTIPLE_END_RECORDS = "zip_multiple_end_records"
+    ZIP_ZIP64 = "zip_zip64"
+    ZIP_LAYOUT = "zip_layout"
+    ZIP_HEADER_MISMATCH = "zip_header_mismatch"
+    ZIP_SIZE_MISMATCH = "zip_size_mismatch"
+    ZIP_EXTRA_FIELD = "zip_extra_field"
+    ZIP_NAME_INVALID = "zip_name_invalid"
+    ZIP_NAME_COLLISION = "zip_name_collision"
+    ZIP_NESTED_TOO_DEEP = "zip_nested_too_deep"
+    ZIP_ENTRY_TYPE = "zip_entry_type"
+    EXTRACT_COLLISION = "extract_collision"
     ENVELOPE_MISSING = "envelope_missing"
     XML_FORBIDDEN = "xml_forbidden"
     XML_MALFORMED = "xml_malformed"
@@ -44,6 +58,7 @@ class Reason(StrEnum):
     INSEE_NOT_ALLOWED = "insee_not_allowed"
     DOSSIER_CONFLICT = "dossier_conflict"
     UPLOAD_INCOMPLETE = "upload_incomplete"
+    UPLOAD_HOLE = "upload_hole"
     INTERNAL_ERROR = "internal_error"
     # Return drops from the business software (status files and PEC return packages).
     STATUS_INVALID = "status_invalid"
@@ -54,6 +69,10 @@ class Reason(StrEnum):
     ATTACHMENT_MISSING = "attachment_missing"
     ATTACHMENT_TOO_LARGE = "attachment_too_large"
     ATTACHMENT_TYPE = "attachment_type"
+    ATTACHMENT_UNREADABLE = "attachment_unreadable"
+    ATTACHMENT_ACTIVE_CONTENT = "attachment_active_content"
+    DROP_NOT_REGULAR = "drop_not_regular"
+    DROP_HARD_LINK = "drop_hard_link"
     TOO_MANY_ATTACHMENTS = "too_many_attachments"
 
     @property
@@ -78,6 +97,19 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.ZIP_ENCRYPTED: "A member of the zip is encrypted.",
     Reason.ZIP_UNSUPPORTED: "A member of the zip uses a compression method this relay does not read.",
     Reason.PJ_ZIP_UNSAFE: "The nested attachments zip is broken or unsafe.",
+    Reason.ZIP_LEADING_DATA: "The zip has bytes before its first member (another archive, or junk).",
+    Reason.ZIP_TRAILING_DATA: "The zip has bytes after its end record.",
+    Reason.ZIP_MULTIPLE_END_RECORDS: "The zip holds more than one end record, so readers may see different archives.",
+    Reason.ZIP_ZIP64: "The zip uses zip64 records, which no package of this size needs.",
+    Reason.ZIP_LAYOUT: "The zip's members overlap, leave gaps, or are not where its central directory says.",
+    Reason.ZIP_HEADER_MISMATCH: "A member's local header disagrees with its central directory entry.",
+    Reason.ZIP_SIZE_MISMATCH: "A member's data does not have the sizes its headers declare.",
+    Reason.ZIP_EXTRA_FIELD: "A member carries an extra field that renames it or is malformed.",
+    Reason.ZIP_NAME_INVALID: "A member name holds control characters, backslashes, empty or '.' parts, or bad encoding.",
+    Reason.ZIP_NAME_COLLISION: "Two member names are the same once case and Unicode normalisation are ignored.",
+    Reason.ZIP_NESTED_TOO_DEEP: "A zip inside the nested attachments zip: only one level of nesting is accepted.",
+    Reason.ZIP_ENTRY_TYPE: "A member is a device or a pipe, or a folder and a file at once, which readers take differently.",
+    Reason.EXTRACT_COLLISION: "Two members would collide once extracted (a file and a folder of one name, or relayd.json).",
     Reason.ENVELOPE_MISSING: "The package has no message.xml envelope.",
     Reason.XML_FORBIDDEN: "An XML file declares a DOCTYPE or entities, which are refused.",
     Reason.XML_MALFORMED: "An XML file is not well-formed.",
@@ -92,6 +124,7 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.INSEE_NOT_ALLOWED: "This account may not deliver for the commune with this INSEE code.",
     Reason.DOSSIER_CONFLICT: "This dossier or message was already received with different content.",
     Reason.UPLOAD_INCOMPLETE: "The upload was cut off before it was committed.",
+    Reason.UPLOAD_HOLE: "A write left a gap in the file (beyond its end, or bytes never sent): uploads are written in order.",
     Reason.INTERNAL_ERROR: "relayd failed to process the package; it is kept for an operator.",
     Reason.STATUS_INVALID: "The status file does not follow relayd's status format (schemas/relayd-statut.xsd).",
     Reason.RETURN_PACKAGE_INVALID: "The return package is not a PEC package with a Retour body for one dossier.",
@@ -102,6 +135,10 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.ATTACHMENT_TOO_LARGE: "An attachment is larger than the platform accepts (1024 Ko unless configured).",
     Reason.ATTACHMENT_TYPE: "An attachment is not of an accepted type, or its content does not match its name.",
     Reason.TOO_MANY_ATTACHMENTS: "The return carries more attachments than this relay accepts.",
+    Reason.ATTACHMENT_UNREADABLE: "An attachment does not open as the PDF or image its name says.",
+    Reason.ATTACHMENT_ACTIVE_CONTENT: "A PDF attachment carries JavaScript or a launch action.",
+    Reason.DROP_NOT_REGULAR: "A drop or attachment is a symbolic link or another non-regular file.",
+    Reason.DROP_HARD_LINK: "A drop or attachment is a hard link to a file that has other names.",
 }
 
 

@@ -1,7 +1,7 @@
 """Why relayd could not start, told in one sentence with a documented exit status.
 
 A failed start is something an operator fixes (a port taken, a key unreadable, a folder not
-writable), so it is said as one line naming the cause, not as a Python traceback
+writable, a ledger that cannot be opened), so it is said as one line naming the cause, not as a Python traceback
 (``relayd --debug run`` still shows one). The statuses are listed in ``relayd --help`` and the README.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncssh
 
 from relayd.config import Config, ConfigError
+from relayd.ledger import LedgerUnusable
 
 #: exit statuses of ``relayd run`` (and ``relayd demo``) when the start fails
 EXIT_UNEXPECTED = 1
@@ -35,6 +36,8 @@ class ListenError(Exception):
 
 def explain(exc: BaseException, config: Config) -> tuple[int, str]:
     """The exit status and the one-line cause for an exception that stopped the start."""
+    if isinstance(exc, LedgerUnusable):
+        return exc.exit_status, exc.message
     if isinstance(exc, ListenError):
         reason = os.strerror(exc.error.errno) if exc.error.errno else str(exc.error)
         return EXIT_LISTEN, f"cannot listen on {exc.host}:{exc.port}: {reason} (--platform-port 0 picks a free port)"

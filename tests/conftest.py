@@ -109,8 +109,9 @@ class Relay:
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a ``relayd`` command against this relay's configuration."""
         command, *rest = args
-        sub = [command, *rest[:1]] if command == "outbox" else [command]
-        rest = rest[1:] if command == "outbox" else rest
+        nested = command in ("outbox", "ledger")  # commands with an action: `relayd outbox list -c F`
+        sub = [command, *rest[:1]] if nested else [command]
+        rest = rest[1:] if nested else rest
         return subprocess.run([sys.executable, "-m", "relayd", *sub, "-c", str(self.config_path), *rest],
                               capture_output=True, text=True, timeout=timeout, cwd=self.root)
 

@@ -300,6 +300,17 @@ class PlatformSshd:
                 raise RuntimeError(f"port {self.port} still accepts connections after sshd stopped")
             time.sleep(0.05)
 
+    def kill(self) -> None:
+        """SIGKILL the listener and every session at once, like a platform that crashes mid-transfer."""
+        if self._proc is None:
+            return
+        proc, self._proc = self._proc, None
+        self._resume()
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=WAIT_SECONDS)
+
     def restart(self) -> None:
         """Stop, then start again on the same port with the same host key."""
         self.stop()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Relay, require_program, sftp_put, wait_for
+from relayd.inbound.uploads import AREA_NAME
 from relayd.testkit.samples import SampleSpec, build_package
 
 BIG = 48 * 1024 * 1024
@@ -35,10 +36,17 @@ def _start_slow_put(relay: Relay, local: Path, remote: str) -> subprocess.Popen:
 
 
 def _partial_size(relay: Relay, name: str) -> int:
+    """The size of the upload under way: its bytes are in relayd's private area until the close."""
+    area = relay.drop() / AREA_NAME
     try:
-        return (relay.drop() / name).stat().st_size
+        return sum(p.stat().st_size for p in area.iterdir())
     except FileNotFoundError:
         return 0
+
+
+def _leftovers(relay: Relay) -> list[Path]:
+    """Whatever the drop folder holds, the private area's files included."""
+    return [p for p in relay.drop().rglob("*") if not p.is_dir()]
 
 
 @pytest.mark.parametrize("remote", ["big.zip", "big.zip.part"])
@@ -55,7 +63,7 @@ def test_client_killed_mid_upload_leaves_nothing(relay, big_package, remote):
     assert not any(relay.inbox("90017").iterdir())
     assert relay.ledger_rows("SELECT * FROM packages") == []
     relay.restart()
-    assert not any(relay.drop().iterdir())
+    assert _leftovers(relay) == []
     assert not any(relay.inbox("90017").iterdir())
     assert not any((relay.root / "var" / "staging").iterdir())
 
@@ -65,9 +73,9 @@ def test_relay_killed_mid_upload_cleans_the_partial_at_next_start(relay, big_pac
     wait_for(lambda: _partial_size(relay, "big.zip") > 4 * 1024 * 1024, what="the upload to start")
     relay.kill()
     proc.wait(timeout=60)
-    assert (relay.drop() / "big.zip").exists()  # what a crash leaves behind...
+    assert _leftovers(relay)  # what a crash leaves behind...
     relay.start()
-    assert not (relay.drop() / "big.zip").exists()  # ...is gone once relayd is back
+    assert _leftovers(relay) == []  # ...is gone once relayd is back
     assert not any(relay.inbox("90017").iterdir())
     assert any(e.get("event") == "startup.partial_removed" for e in relay.events())
 
@@ -81,10 +89,11 @@ def test_completed_large_upload_lands_whole(relay, big_package):
 
 def test_staged_package_is_finished_after_a_crash(make_relay, tmp_path):
     """A package committed just before a crash (still in staging) is handed over at the next start."""
-    relay = make_relay(start=False)
+    relay = make_relay()
+    relay.stop()  # it has run: a ledger exists (staging without one is refused at start, as a forgotten ledger)
     spec = SampleSpec(numero="A-3-CRASHED1", demarche="ILE", insee="90017")
     staging = relay.root / "var" / "staging"
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True, exist_ok=True)
     (staging / "0123abcd.zip").write_bytes(build_package(spec))
     (staging / "0123abcd.upload.json").write_text('{"account": "plateforme", "peer": "127.0.0.1:1", "name": "c.zip"}')
     relay.start()

@@ -224,26 +224,46 @@ def test_smtp_login_and_the_password_stays_out_of_the_log(make_relay, smtp_serve
     assert SMTP_PASSWORD not in relay.log_text()
 
 
+def unreachable_platform(relay: Any, **overrides: Any) -> None:
+    """Point the relay at a return server that never answers (before its start)."""
+    relay.config["platform"] = {"host": "127.0.0.1", "port": free_port(), "username": "commune",
+                                "private_key": str(relay.key), "host_key_fingerprints": ["SHA256:" + "A" * 43],
+                                "retry": {"initial_seconds": 0.1, "max_seconds": 0.3, "max_attempts": 1}, **overrides}
+    relay.config_path.write_text(yaml.safe_dump(relay.config, sort_keys=False))
+
+
 def test_dead_letter_alerts_the_administrator(make_relay, smtp_server):
     sink = smtp_server()
-    # A return server that never answers, and one attempt before dead-letter.
-    platform = {"host": "127.0.0.1", "port": free_port(), "username": "commune", "private_key": "unused_key",
-                "host_key_fingerprints": ["SHA256:" + "A" * 43],
-                "retry": {"initial_seconds": 0.1, "max_attempts": 1}}
-    relay = mail_relay(make_relay, sink.port, start=False, platform=platform)
-    relay.config["platform"]["private_key"] = str(relay.key)
-    relay.config_path.write_text(yaml.safe_dump(relay.config, sort_keys=False))
+    relay = mail_relay(make_relay, sink.port, start=False)
+    unreachable_platform(relay)
     relay.start()
     assert sftp_put(relay, REAL_PACKAGE, REAL_PACKAGE.name).returncode == 0
+    # The outage alone never dead-letters; an ack whose file is gone does, at once (nothing could be sent).
+    wait_for(lambda: relay.outbox(), what="the ack queued")
+    Path(relay.outbox()[0]["payload"]).unlink()
     wait_for(lambda: sink.to(ADMIN), what="the dead-letter alert")
     alert = sink.to(ADMIN)[0]
     dead = relay.outbox()[0]
     assert dead["status"] == "dead"
     assert "Envoi abandonné" in alert.subject and "AVL" in alert.subject and "A-9-X3UGO4V7" in alert.subject
     assert f"relayd outbox retry -c <fichier de configuration> {dead['id']}" in alert.body
-    assert dead["last_error_code"] in alert.body
+    assert dead["last_error_code"] == "payload_missing" and dead["last_error_code"] in alert.body
+    assert "attendent derrière lui" in alert.body  # the dossier's later entries wait: the way out is named
     wait_for(lambda: sink.to(SERVICE), what="the new-dossier mail as well")
     assert_no_secret(relay, sink)
+
+
+def test_a_long_outage_alerts_the_administrator_and_dead_letters_nothing(make_relay, smtp_server):
+    sink = smtp_server()
+    relay = mail_relay(make_relay, sink.port, start=False)
+    unreachable_platform(relay, alert_after_hours=0.0003)  # about a second
+    relay.start()
+    assert sftp_put(relay, REAL_PACKAGE, REAL_PACKAGE.name).returncode == 0
+    wait_for(lambda: sink.to(ADMIN), what="the outage alert")
+    alert = sink.to(ADMIN)[0]
+    assert "Serveur de retour injoignable" in alert.subject and "connect_failed" in alert.body
+    assert [r["status"] for r in relay.outbox()] == ["pending"]
+    assert relay.outbox()[0]["attempts"] >= 2  # past max_attempts, still waiting
 
 
 def broken_package(folder: Path, kind: str) -> Path:

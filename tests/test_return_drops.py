@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -70,6 +71,13 @@ def zipped(members: dict[str, bytes]) -> bytes:
 
 
 PDF = pdf_bytes(["attestation"])
+_CATALOG = b"<< /Type /Catalog /Pages 2 0 R >>"
+#: JavaScript run when the document opens, its name spelt with a #xx escape as an evasion
+JS_PDF = PDF.replace(_CATALOG, b"<< /Type /Catalog /Pages 2 0 R /OpenAction << /S /J#61vaScript /JS (app.alert(1)) >> >>")
+LAUNCH_PDF = PDF.replace(_CATALOG, b"<< /Type /Catalog /Pages 2 0 R /OpenAction << /S /Launch /F (cmd.exe) >> >>")
+#: JavaScript on a page's open action: only walking the objects finds it
+PAGE_JS_PDF = PDF.replace(b"/Contents 4 0 R >>", b"/Contents 4 0 R /AA << /O << /S /Foo /JS (app.alert(1)) >> >> >>")
+HTML_PDF = b"%PDF-1.7\n<html><body><script>document.location='https://evil.example/'</script></body></html>\n"
 
 CASES = {
     "attachment missing beside": ({"s.xml": status(files=("absent.pdf",))}, "attachment_missing"),
@@ -88,6 +96,20 @@ CASES = {
     "an unknown element": ({"s.xml": status().replace(b"</Statut>", b"<Urgent>oui</Urgent></Statut>")}, "status_invalid"),
     "a bad dossier number": ({"s.xml": status().replace(NUMERO.encode(), b"B-12-xyz")}, "dossier_number_invalid"),
     "an ack dropped as a return": (None, "return_package_invalid"),
+    "HTML behind a PDF header": ({"a.pdf": HTML_PDF, "s.xml": status(files=("a.pdf",))}, "attachment_type"),
+    "a PDF with JavaScript": ({"a.pdf": JS_PDF, "s.xml": status(files=("a.pdf",))}, "attachment_active_content"),
+    "a PDF with a launch action": ({"a.pdf": LAUNCH_PDF, "s.xml": status(files=("a.pdf",))}, "attachment_active_content"),
+    "a PDF with JavaScript on a page": ({"a.pdf": PAGE_JS_PDF, "s.xml": status(files=("a.pdf",))},
+                                        "attachment_active_content"),
+    "a PDF with JavaScript in a zip": ({"s.zip": zipped({"s.xml": status(files=("a.pdf",)), "a.pdf": JS_PDF})},
+                                       "attachment_active_content"),
+    "a PDF that does not open": ({"a.pdf": b"%PDF-1.4\n" + bytes(500), "s.xml": status(files=("a.pdf",))},
+                                 "attachment_unreadable"),
+    "a broken PNG": ({"a.png": png_bytes()[:-20], "s.xml": status(files=("a.png",))}, "attachment_unreadable"),
+    "HTML after a PNG": ({"a.png": png_bytes() + b"<html><script>x</script></html>", "s.xml": status(files=("a.png",))},
+                         "attachment_type"),
+    "a zip with names differing by case": ({"s.zip": zipped({"s.xml": status(files=("a.pdf",)), "a.pdf": PDF,
+                                                             "A.pdf": PDF})}, "zip_name_collision"),
 }
 
 
@@ -153,3 +175,101 @@ def test_a_drop_taken_back_before_it_is_read_is_let_go(drops):
     outcome = returns_drops.process(config.communes[0].returns / "gone.xml", config.communes[0])
     assert outcome.status == "vanished"
     assert list((config.communes[0].returns.parent / "rejected").glob("*")) == []
+
+
+# --------------------------------------------------------------------------- links and other names
+
+
+def _outside(tmp_path: Path, data: bytes) -> tuple[Path, tuple]:
+    """A file outside the return directory, and what must stay the same about it."""
+    outside = tmp_path / "outside" / "private.pdf"
+    outside.parent.mkdir(exist_ok=True)
+    outside.write_bytes(data)
+    outside.chmod(0o604)
+    return outside, _state(outside)
+
+
+def _state(path: Path) -> tuple:
+    st = path.stat()
+    return path.read_bytes(), oct(st.st_mode), st.st_uid, st.st_gid
+
+
+def _refused(returns_drops, config, drop: Path, code: str) -> dict:
+    outcome = returns_drops.process(drop, config.communes[0])
+    assert outcome.status == "rejected" and outcome.rejection.reason.value == code, outcome.rejection.detail
+    reason = json.loads(outcome.location.with_name(outcome.location.name + ".reason.json").read_text())
+    assert reason["code"] == code and reason["sent"] is False
+    assert returns_drops.outbox.entries(("pending",)) == []
+    # Nothing is left behind in the return directory: the refused names went beside their reason.
+    assert list(config.communes[0].returns.iterdir()) == []
+    return reason
+
+
+def test_a_hard_linked_attachment_is_refused_and_the_outside_file_untouched(drops, tmp_path):
+    returns_drops, config = drops
+    folder = config.communes[0].returns
+    outside, before = _outside(tmp_path, PDF)
+    (folder / "a.pdf").hardlink_to(outside)
+    (folder / "s.xml").write_bytes(status(files=("a.pdf",)))
+    reason = _refused(returns_drops, config, folder / "s.xml", "drop_hard_link")
+    assert reason["attachments"] == ["a.pdf"]
+    assert _state(outside) == before
+
+
+def test_a_hard_linked_drop_is_refused_and_the_outside_file_untouched(drops, tmp_path):
+    returns_drops, config = drops
+    folder = config.communes[0].returns
+    outside, before = _outside(tmp_path, status())
+    (folder / "s.xml").hardlink_to(outside)
+    _refused(returns_drops, config, folder / "s.xml", "drop_hard_link")
+    assert _state(outside) == before
+
+
+@pytest.mark.parametrize("what", ["drop", "attachment"])
+def test_a_symbolic_link_is_refused_and_its_target_untouched(drops, tmp_path, what):
+    returns_drops, config = drops
+    folder = config.communes[0].returns
+    outside, before = _outside(tmp_path, status() if what == "drop" else PDF)
+    if what == "drop":
+        (folder / "s.xml").symlink_to(outside)
+    else:
+        (folder / "a.pdf").symlink_to(outside)
+        (folder / "s.xml").write_bytes(status(files=("a.pdf",)))
+    _refused(returns_drops, config, folder / "s.xml", "drop_not_regular")
+    assert _state(outside) == before
+
+
+def test_a_fifo_is_refused_without_blocking(drops):
+    returns_drops, config = drops
+    folder = config.communes[0].returns
+    os.mkfifo(folder / "s.xml")
+    _refused(returns_drops, config, folder / "s.xml", "drop_not_regular")
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_what_is_taken_is_copied_and_the_original_removed(drops):
+    # relayd never changes the mode of a file it did not create: the archive holds a copy of its own.
+    returns_drops, config = drops
+    folder = config.communes[0].returns
+    (folder / "a.pdf").write_bytes(PDF)
+    (folder / "a.png").write_bytes(png_bytes())
+    (folder / "a.jpg").write_bytes(_jpeg())
+    (folder / "s.xml").write_bytes(status(files=("a.pdf", "a.png", "a.jpg")))
+    for name in ("a.pdf", "a.png", "a.jpg", "s.xml"):
+        (folder / name).chmod(0o664)
+    kept = {name: os.stat(folder / name).st_ino for name in ("a.pdf", "a.png", "a.jpg", "s.xml")}
+    outcome = returns_drops.process(folder / "s.xml", config.communes[0])
+    assert outcome.status == "queued"
+    assert list(folder.iterdir()) == []
+    archived = {p.name.split("-", 2)[-1]: p for p in outcome.location.parent.iterdir()}
+    assert archived["a.pdf"].read_bytes() == PDF
+    for name, inode in kept.items():
+        st = archived[name].stat()
+        assert st.st_ino != inode and oct(st.st_mode & 0o777) == "0o600"

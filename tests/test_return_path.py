@@ -405,22 +405,23 @@ def test_hundred_status_files_at_once_are_all_picked_up(linked, tmp_path):
 
 
 def test_dead_letter_then_operator_retry(make_relay, platform, tmp_path):
-    retry = {**FAST_RETRY, "max_attempts": 2}
-    relay = make_relay(platform=platform.relay_config(platform.client_key, retry=retry))
-    platform.stop()
+    # A remote directory that does not exist: no retry can mend that, so the ack goes to dead-letter at once.
+    later = platform.remote_dir.rstrip("/") + "/later"
+    relay = make_relay(platform=platform.relay_config(platform.client_key, retry=FAST_RETRY, remote_dir=later))
     assert sftp_put(relay, REAL_PACKAGE, REAL_PACKAGE.name).returncode == 0
     wait_for(lambda: [r["status"] for r in relay.outbox()] == ["dead"], what="dead-letter")
     # A return for the same dossier waits behind the dead ack, and the listing says so.
     drop(relay, REAL_NUMERO, "recu")
     wait_for(lambda: len(relay.outbox()) == 2, what="the return queued")
     listing = relay.cli("outbox", "list")
-    assert "dead" in listing.stdout and "connect_failed" in listing.stdout
+    assert "dead" in listing.stdout and "remote_dir_missing" in listing.stdout
     assert "waits for #1" in listing.stdout
-    platform.start()
+    (platform.incoming / "later").mkdir()
     result = relay.cli("outbox", "retry", "--dead")
     assert result.returncode == 0, result.stderr
     wait_for(lambda: [r["status"] for r in relay.outbox()] == ["delivered", "delivered"], what="delivery after the retry")
-    assert [r.kind for r in received(platform)] == ["AVL", "Retour"]
+    landed = sorted((platform.incoming / "later").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert [read_reply(p.read_bytes()).kind for p in landed] == ["AVL", "Retour"]
 
 
 def test_cli_return_with_an_attachment_drops_one_zip(linked, tmp_path):
@@ -488,8 +489,9 @@ def test_a_linked_attachment_is_refused(linked, tmp_path):
     drop(relay, spec.numero, "recu", raw=write_status_file(StatusFile(
         numero=spec.numero, state="recu", attachments=[StatusAttachment(file="attestation.pdf")])))
     wait_for(lambda: relay.rejected(), what="the refusal")
-    assert relay.rejected()[0]["code"] == "attachment_type"
+    assert relay.rejected()[0]["code"] == "drop_not_regular"
     assert len(platform.files()) == 1
+    assert secret.read_bytes() == pdf_bytes(["private"])
 
 
 def test_a_dossier_from_before_routing_was_recorded_still_gets_its_return(linked, tmp_path):

@@ -134,7 +134,7 @@ def test_a_remote_file_of_another_size_is_a_conflict_and_stays_untouched(sshd: P
     assert sshd.files() == [package.name]
 
 
-def test_a_missing_remote_directory_is_a_clear_remote_error(sshd: PlatformSshd, package: Path) -> None:
+def test_a_missing_remote_directory_is_a_clear_error(sshd: PlatformSshd, package: Path) -> None:
     missing = sshd.remote_dir.rstrip("/") + "/no-such-dir"
 
     async def body() -> DeliveryError:
@@ -144,7 +144,7 @@ def test_a_missing_remote_directory_is_a_clear_remote_error(sshd: PlatformSshd, 
             return caught.value
 
     error = run(body())
-    assert error.code == "remote_error"
+    assert error.code == "remote_dir_missing"
     assert f"the remote directory {missing} does not exist" in error.message
     assert sshd.files() == []
 

@@ -33,6 +33,7 @@ from conftest import (
     wait_for,
     write_key_pair,
 )
+from relayd.inbound.uploads import AREA_NAME
 
 GCM = "aes128-gcm@openssh.com"
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -56,6 +57,11 @@ def _session(relay, **kw) -> Iterator[paramiko.SFTPClient]:
     finally:
         client.close()
         client.get_channel().get_transport().close()
+
+
+def _visible(drop: Path) -> list[Path]:
+    """What the drop folder holds, without relayd's hidden area of uploads under way."""
+    return [p for p in drop.iterdir() if p.name != AREA_NAME]
 
 
 def _find_token(relay, token: str) -> set[Path]:
@@ -271,26 +277,27 @@ def test_openssh_get_is_refused(relay, tmp_path):
 # -- 3. modes, setstat ---------------------------------------------------------------
 
 
-def test_paramiko_setstat_and_fsetstat_are_refused(relay):
-    """chmod, chown, utime and truncate on an uploaded temp file are refused; on disk it stays 0600."""
+def test_paramiko_setstat_that_harms_nothing_is_accepted_and_ignored(relay):
+    """chmod and utime on an upload succeed and change nothing; chown, setuid and truncate are refused."""
     with _session(relay) as client:
         with client.open("t.part", "w") as fh:
             fh.write(b"12345")
             fh.flush()
-            with pytest.raises(PermissionError):
-                fh.chmod(0o777)
-            with pytest.raises(PermissionError):
+            fh.chmod(0o777)
+            fh.utime((1_000_000_000, 1_000_000_000))
+            with pytest.raises(PermissionError, match="ownership"):
                 fh.chown(1, 1)
-            with pytest.raises(PermissionError):
-                fh.utime((1_000_000_000, 1_000_000_000))
-            with pytest.raises(PermissionError):
+            with pytest.raises(PermissionError, match="setuid"):
+                fh.chmod(0o4755)
+            with pytest.raises(PermissionError, match="size"):
                 fh.truncate(1)
-        with pytest.raises(PermissionError):
-            client.chmod("t.part", 0o777)
+        client.chmod("t.part", 0o777)
+        client.utime("t.part", (1_000_000_000, 1_000_000_000))
+        client.truncate("t.part", 5)  # the size it has: harmless
         with pytest.raises(PermissionError):
             client.chown("t.part", 1, 1)
         with pytest.raises(PermissionError):
-            client.utime("t.part", (1_000_000_000, 1_000_000_000))
+            client.chmod("t.part", 0o2777)
         with pytest.raises(PermissionError):
             client.truncate("t.part", 1)
         st = (relay.drop() / "t.part").stat()
@@ -298,24 +305,38 @@ def test_paramiko_setstat_and_fsetstat_are_refused(relay):
         assert st.st_size == 5
         assert int(st.st_mtime) != 1_000_000_000
         assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+        assert client.stat("t.part").st_size == 5
 
 
-def test_openssh_put_p_does_not_carry_the_local_mode(relay, tmp_path):
-    """`put -p` of a 0777 file, then `chmod 777`: the temp file on disk stays 0600 with the server's mtime."""
+def test_openssh_put_p_succeeds_without_carrying_the_local_mode(relay, tmp_path):
+    """`put -p` of a 0777 file, then `chmod 777`, both succeed: the file on disk stays 0600 with the server's mtime."""
     local = tmp_path / "wide-open.bin"
     local.write_bytes(b"12345")
     local.chmod(0o777)
     os.utime(local, (1_000_000_000, 1_000_000_000))
     seen = tmp_path / "stat.txt"
     on_disk = relay.drop() / "t.part"
-    result = sftp_batch(relay, [f'-put -p "{local}" t.part', "-chmod 777 t.part",
+    result = sftp_batch(relay, [f'put -p "{local}" t.part', "chmod 777 t.part",
                                 f"!stat -c '%a %Y %s' {on_disk} > {seen}"])
     assert result.returncode == 0, result.stderr
-    assert "Permission denied" in result.stderr  # the fsetstat of put -p, and the chmod
+    assert "Permission denied" not in result.stderr
     mode, mtime, size = seen.read_text().split()
     assert mode == "600"
     assert int(mtime) != 1_000_000_000
     assert size == "5"
+
+
+def test_openssh_put_p_of_a_package_reports_success(relay, tmp_path):
+    """`put -p X.zip` (times preserved, as rclone does by default) exits 0 and the package is accepted."""
+    local = tmp_path / REAL_PACKAGE.name
+    shutil.copyfile(REAL_PACKAGE, local)
+    os.utime(local, (1_000_000_000, 1_000_000_000))
+    result = sftp_batch(relay, [f'put -p "{local}" X.zip', f'put -p "{local}" Y.zip.part',
+                                "rename Y.zip.part Y.zip"])
+    assert result.returncode == 0, result.stderr
+    assert [p.read_bytes() for p in relay.inbox("90017").iterdir()] == [REAL_PACKAGE.read_bytes()]
+    rows = relay.ledger_rows("SELECT upload_name, outcome FROM packages ORDER BY id")
+    assert [r["outcome"] for r in rows] == ["accepted", "duplicate"], rows
 
 
 @pytest.mark.parametrize("put", ["put", "put -p"])
@@ -366,7 +387,7 @@ def test_paramiko_symlink_mkdir_rmdir_are_refused(relay):
             client.mkdir("sub")
         with pytest.raises(PermissionError):
             client.rmdir("keep.d")
-        assert sorted(p.name for p in relay.drop().iterdir()) == ["keep.d", "t.part"]
+        assert sorted(p.name for p in _visible(relay.drop())) == ["keep.d", "t.part"]
         assert not (relay.drop() / "t.part").is_symlink()
 
 
@@ -411,7 +432,7 @@ def test_planted_folder_link_does_not_open_a_view_outside(relay):
 # -- 5. names ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "package.zip.txt", "run.sh", ".hidden.zip", "noextension"])
+@pytest.mark.parametrize("name", ["notes.txt", "package.zip.txt", "run.sh", "noextension", "x.zip.bak"])
 def test_write_under_other_names_is_refused(relay, name):
     """Writing a file that is neither a package (*.zip) nor a temporary name is refused; nothing is created."""
     with _session(relay) as client:
@@ -442,7 +463,7 @@ def test_rename_to_other_names_is_refused(relay):
         with pytest.raises(PermissionError):
             client.posix_rename("x.part", "notes.txt")
         assert client.listdir("/") == ["x.part"]
-        assert sorted(p.name for p in relay.drop().iterdir()) == ["x.part"]
+        assert sorted(p.name for p in _visible(relay.drop())) == ["x.part"]
 
 
 # -- 6. authentication ---------------------------------------------------------------
@@ -668,7 +689,7 @@ def test_refusals_do_not_reveal_server_paths(relay):
         refused(lambda: client.open("/", "w"))
         refused(lambda: client.mkdir("sub"))
         refused(lambda: client.rmdir("keep.d"))
-        refused(lambda: client.chmod("x.part", 0o777))
+        refused(lambda: client.chmod("x.part", 0o4777))  # setuid
         refused(lambda: client.symlink("x.part", "l.part"))
         refused(lambda: client.readlink("evil.part"))
         refused(lambda: client.stat("missing.part"))

@@ -116,8 +116,9 @@ def test_a_closed_dossier_is_no_longer_late(make_relay, platform_sshd):
 
 def test_a_dead_letter_makes_status_exit_1(make_relay, platform_sshd):
     platform = platform_sshd()
-    relay = make_relay(platform=platform.relay_config(platform.client_key, retry={**FAST_RETRY, "max_attempts": 1}))
-    platform.stop()
+    # A remote directory that does not exist: no retry mends that, so the AVL goes to dead-letter at once.
+    missing = platform.remote_dir.rstrip("/") + "/no-such-dir"
+    relay = make_relay(platform=platform.relay_config(platform.client_key, retry=FAST_RETRY, remote_dir=missing))
     assert sftp_put(relay, REAL_PACKAGE, REAL_PACKAGE.name).returncode == 0
     wait_for(lambda: [r["status"] for r in relay.outbox()] == ["dead"], what="the AVL in dead-letter")
     report = status(relay, "--json", expect=1)

@@ -43,6 +43,11 @@ def test_the_service_is_a_notify_service_with_a_watchdog_and_its_own_user():
     assert unit["NotifyAccess"] == ["main"]
     assert int(unit["WatchdogSec"][0]) > 0
     assert unit["Restart"] == ["on-failure"]
+    # A bad ledger is not mended by a restart: systemd must not loop on it.
+    from relayd.ledger import EXIT_LEDGER_LOCKED, EXIT_LEDGER_UNUSABLE
+
+    assert unit["RestartPreventExitStatus"] == [str(EXIT_LEDGER_UNUSABLE)]
+    assert str(EXIT_LEDGER_LOCKED) not in unit["RestartPreventExitStatus"][0].split()
     assert unit["User"] == ["relayd"] and unit["Group"] == ["relayd"]
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     # The stop timeout leaves room for the uploads' grace (server.stop_grace_seconds, 30 s by default).

@@ -1,28 +1,41 @@
-"""The brute-force defender: a failed-login score per source address, and bans that grow longer.
+"""The brute-force defender: failed logins counted per network prefix, and bans that grow longer.
 
-Each failed login attempt from an address counts; once ``max_failures`` fall within
-``window_seconds`` the address is banned for ``ban_seconds``, and every later ban of the
-same address lasts ``ban_factor`` times longer, up to ``max_ban_seconds``. A banned
-address's new connections are closed as soon as they are accepted, before any key exchange
-or authentication work. Addresses in ``allowlist`` are never banned (loopback is not
-implicitly allowed). The settings are read from the configuration at each use, so a reload
-applies at once.
+Addresses are grouped by prefix: ``defender.ipv4_prefix`` (32: one address) and
+``defender.ipv6_prefix`` (64: one IPv6 subnet, which a single host can fill with addresses).
+Each failed login counts for its prefix; once the failures within ``window_seconds`` reach
+``max_failures``, the prefix is banned for ``ban_seconds``, and every later ban of the same
+prefix lasts ``ban_factor`` times longer, up to ``max_ban_seconds``. A banned client gets
+the SSH version exchange and then a disconnect message that names the ban and its end
+(OpenSSH prints ``Received disconnect from …: banned … until 07:15 UTC``), and no key
+exchange or authentication work. Networks in ``allowlist`` are never banned (loopback is not
+implicitly allowed). The settings are read at each use, so a reload applies at once.
 
-What counts as one failure (the rule lives in :class:`relayd.inbound.server.RelaySSHServer`):
+What counts as a failure, and how much (the rules live in
+:class:`relayd.inbound.server.RelaySSHServer`):
 
-* each refused password;
+* each refused password: 1;
 * each connection that offered public keys, had them all refused, and ended without
-  logging in, however many keys it offered. An OpenSSH client offers every key it holds in
-  one connection, so one misconfigured login costs one failure, not one per key; a
-  connection is cut after 6 refused attempts (OpenSSH's ``MaxAuthTries``), so trying more
-  keys takes more connections, and each counts;
+  logging in, however many keys it offered: 1 (an OpenSSH client offers every key it holds
+  in one connection); a connection is cut after 6 refused attempts (``MaxAuthTries``);
 * a login refused because the account may not log in from that address (``allowed_ips``),
-  counted like the above, for it looks the same to the client.
+  like the above;
+* a connection that ends without trying to log in at all (idle until the login timeout,
+  or closed before authentication): ``unauthenticated_weight`` (0.25). Softer, because a
+  port check, ``ssh-keyscan`` or a client that distrusts the host key does the same;
+  four of them weigh one wrong password.
 
-Ban state is kept in memory only: a restart forgets every score and every ban. The number
-of addresses tracked is capped; past the cap, addresses with no ban in force are forgotten
-first, oldest first. An address's ban history (what makes the next ban longer) is forgotten
-once ``max_ban_seconds`` have passed since its last ban ended without new trouble.
+Failures, bans and logins are kept in the ledger (:mod:`relayd.inbound.banbook`): a
+restart forgets nothing, and ``relayd defender unban`` lifts a ban while the daemon runs,
+for the daemon reads the ledger at each new connection. A prefix's ban history (what makes
+the next ban longer) is forgotten once ``max_ban_seconds`` have passed since its last ban
+ended. A ban holds every address inside its network, so a ban laid before the prefix
+lengths were changed still holds until it ends.
+
+The optional global budget, ``global_failures_per_minute``: when the failures of every
+prefix together within the last minute exceed it (a spread-out attack, many prefixes, none
+reaching its own ban), new connections are refused except from allowlisted and known-good
+prefixes (one that logged in within ``known_good_days``), until the last minute's failures
+fall back under the budget. The platform, which logs in every day, keeps delivering.
 """
 
 from __future__ import annotations
@@ -30,151 +43,199 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, ip_network
 
 import structlog
 
 from relayd.config import Defender as DefenderSettings
 from relayd.events import NO_EVENTS, AddressBanned, AuthFailed, Events
+from relayd.inbound.banbook import Address, Ban, BanBook, Network, parse_address, parse_target
 
 log = structlog.get_logger("relayd.defender")
 
-Address = IPv4Address | IPv6Address
+__all__ = ["Defender", "parse_address"]
 
-#: addresses tracked at once; beyond this the least recently seen without a ban are dropped
-MAX_ADDRESSES = 10_000
-
-
-@dataclass
-class _Record:
-    """What the defender remembers of one address."""
-
-    failures: list[float] = field(default_factory=list)
-    banned_until: float = 0.0
-    #: how many bans this address has had: the next one lasts ban_factor ** bans times longer
-    bans: int = 0
-    #: whether a refused connection was logged during the ban in force (logs stay small)
-    refusal_logged: bool = False
+#: how often old rows are pruned from the ledger (seconds)
+_PRUNE_EVERY = 60.0
+#: how long the global budget's verdict is reused (seconds): one ledger read per second, not per connection
+_GLOBAL_CHECK_EVERY = 1.0
+#: bans whose first refused connection was logged, remembered so that logs stay small
+_LOGGED_BANS = 1024
 
 
-def parse_address(ip: str) -> Address | None:
-    """The address of a peer, IPv4-mapped IPv6 made plain IPv4; None when it is not an IP address."""
-    try:
-        address = ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+def until_text(moment: float, now: float) -> str:
+    """When a ban ends, as a client reads it: ``07:15 UTC``, with the date when it is not today."""
+    end = datetime.fromtimestamp(moment, UTC)
+    same_day = end.date() == datetime.fromtimestamp(now, UTC).date()
+    return end.strftime("%H:%M UTC" if same_day else "%Y-%m-%d %H:%M UTC")
 
 
 class Defender:
-    """Scores failed logins per address and bans the addresses that fail too often.
+    """Counts failed logins per prefix, bans the prefixes that fail too often, and says who may connect.
 
-    Used from the event loop only (it is not thread-safe). ``settings`` is called at each
-    use, so it follows configuration reloads; ``clock`` is a monotonic clock in seconds.
+    ``settings`` is called at each use, so it follows configuration reloads; ``clock`` gives
+    Unix seconds (bans are kept across restarts, so a monotonic clock would not do). The
+    server asks (``refuses``, ``trusted``, ``ban_holding``: one indexed read each) on its event
+    loop and writes (``failed``, ``logged_in``: one commit each) from a single writer thread;
+    the ledger serialises them.
     """
 
-    def __init__(self, settings: Callable[[], DefenderSettings], events: Events = NO_EVENTS, *,
-                 clock: Callable[[], float] = time.monotonic, max_addresses: int = MAX_ADDRESSES):
+    def __init__(self, settings: Callable[[], DefenderSettings], book: BanBook, events: Events = NO_EVENTS, *,
+                 clock: Callable[[], float] = time.time):
         self._settings = settings
+        self.book = book
         self._events = events
         self._clock = clock
-        self._max = max_addresses
-        # Least recently active first, so that the oldest are dropped when the cap is reached.
-        self._records: OrderedDict[Address, _Record] = OrderedDict()
+        self._pruned = 0.0
+        self._global: tuple[float, bool] = (float("-inf"), False)
+        self._logged: OrderedDict[tuple[str, float], None] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._records)
+    # -- who is who ------------------------------------------------------------------
+
+    def prefix(self, ip: str) -> Network | None:
+        """The prefix ``ip`` is counted under (``ipv4_prefix`` or ``ipv6_prefix``); None when it is not an address."""
+        address = parse_address(ip)
+        return None if address is None else self._prefix_of(address)
+
+    def _prefix_of(self, address: Address) -> Network:
+        settings = self._settings()
+        length = settings.ipv4_prefix if isinstance(address, IPv4Address) else settings.ipv6_prefix
+        return ip_network(f"{address}/{length}", strict=False)
 
     def allowlisted(self, ip: str) -> bool:
-        """Whether this address is in the allowlist (never banned)."""
+        """Whether this address is in the allowlist (never banned, never dropped early)."""
         address = parse_address(ip)
         return address is not None and any(address in net for net in self._settings().allowlist)
 
+    def known_good(self, ip: str) -> bool:
+        """Whether this address's prefix logged in within ``known_good_days``."""
+        prefix = self.prefix(ip)
+        if prefix is None:
+            return False
+        last = self.book.last_login(prefix)
+        return last is not None and self._clock() - last <= self._settings().known_good_days * 86400
+
+    def trusted(self, ip: str) -> bool:
+        """Allowlisted or known-good: never dropped early, never held by the global budget."""
+        return self.allowlisted(ip) or self.known_good(ip)
+
+    # -- bans ------------------------------------------------------------------------
+
+    def ban_holding(self, ip: str) -> Ban | None:
+        """The ban in force on this address, or None (never for an allowlisted address or a disabled defender)."""
+        address = parse_address(ip)
+        if not self._settings().enabled or address is None or self.allowlisted(ip):
+            return None
+        return self.book.ban_holding(address, self._clock())
+
     def ban_remaining(self, ip: str) -> float:
         """Seconds left of the ban in force on this address; 0 when it is not banned."""
+        ban = self.ban_holding(ip)
+        return max(0.0, ban.banned_until - self._clock()) if ban else 0.0
+
+    def ban_message(self, ban: Ban) -> str:
+        """What a banned client is told, e.g. ``banned for too many failed logins from 192.0.2.0/24 until 07:15 UTC``."""
+        return f"banned for too many failed logins from {ban.prefix} until {until_text(ban.banned_until, self._clock())}"
+
+    def refuses(self, ip: str) -> str | None:
+        """Why a new connection from ``ip`` must be turned away now (the text for the client), or None.
+
+        A ban is logged (``defender.refused``) at its first refused connection only.
+        """
+        ban = self.ban_holding(ip)
+        if ban is not None:
+            key = (ban.prefix, ban.banned_until)
+            if key not in self._logged:
+                self._logged[key] = None
+                if len(self._logged) > _LOGGED_BANS:
+                    self._logged.popitem(last=False)
+                log.warning("defender.refused", ip=ip, prefix=ban.prefix,
+                            seconds_left=round(ban.banned_until - self._clock(), 1))
+            return self.ban_message(ban)
+        if self.over_global_budget() and not self.trusted(ip):
+            return "too many failed logins to this relay: only known addresses may connect for now; try again later"
+        return None
+
+    def over_global_budget(self) -> bool:
+        """Whether the last minute's failures, every prefix together, exceed ``global_failures_per_minute``."""
         settings = self._settings()
-        address = parse_address(ip)
-        if not settings.enabled or address is None or self.allowlisted(ip):
-            return 0.0
-        record = self._records.get(address)
-        if record is None:
-            return 0.0
-        return max(0.0, record.banned_until - self._clock())
-
-    def refuses(self, ip: str) -> bool:
-        """Whether a new connection from ``ip`` must be closed now; logs ``defender.refused`` once per ban."""
-        left = self.ban_remaining(ip)
-        if not left:
+        if not settings.enabled or settings.global_failures_per_minute is None:
             return False
-        record = self._records[parse_address(ip)]  # type: ignore[index]  # banned, so tracked
-        if not record.refusal_logged:
-            record.refusal_logged = True
-            log.warning("defender.refused", ip=ip, seconds_left=round(left, 1))
-        return True
+        now = self._clock()
+        checked, verdict = self._global
+        if now - checked < _GLOBAL_CHECK_EVERY:
+            return verdict
+        over = self.book.failures_since(now - 60) > settings.global_failures_per_minute
+        if over and not verdict:
+            log.warning("defender.global_budget_exceeded", per_minute=settings.global_failures_per_minute)
+        elif verdict and not over:
+            log.info("defender.global_budget_recovered", per_minute=settings.global_failures_per_minute)
+        self._global = (now, over)
+        return over
 
-    def failed(self, ip: str, username: str, method: str) -> bool:
-        """Count one failed login attempt; return True when it started a ban.
+    # -- what happens ------------------------------------------------------------------
+
+    def failed(self, ip: str, username: str, method: str, weight: float = 1.0) -> bool:
+        """Count one failed login attempt of ``weight``; return True when it started a ban.
 
         ``AuthFailed`` is published for every attempt, ``AddressBanned`` when a ban starts.
         """
         self._events.publish(AuthFailed(ip=ip, username=username, method=method))
         settings = self._settings()
         address = parse_address(ip)
-        if not settings.enabled or address is None or self.allowlisted(ip):
+        if not settings.enabled or address is None or self.allowlisted(ip) or weight <= 0:
             return False
         now = self._clock()
-        record = self._touch(address, now)
-        if record.banned_until > now:
+        self._prune(now)
+        prefix = self._prefix_of(address)
+        if self.book.ban_holding(address, now) is not None:
             return False  # attempts that were under way when the ban began: it is not made longer
-        record.failures = [t for t in record.failures if now - t < settings.window_seconds][-settings.max_failures:]
-        record.failures.append(now)
-        if len(record.failures) < settings.max_failures:
+        total = self.book.add_failure(prefix, weight, method, now, now - settings.window_seconds)
+        if total < settings.max_failures:
             return False
-        seconds = min(settings.ban_seconds * settings.ban_factor ** record.bans, settings.max_ban_seconds)
-        failures = len(record.failures)
-        record.bans += 1
-        record.banned_until = now + seconds
-        record.failures = []
-        record.refusal_logged = False
-        log.warning("defender.banned", ip=ip, seconds=round(seconds, 1), failures=failures, ban=record.bans)
-        self._events.publish(AddressBanned(ip=ip, seconds=seconds, failures=failures))
+        history = self.book.history(prefix)
+        bans = 0
+        if history is not None and history.banned_until + settings.max_ban_seconds > now:
+            bans = history.bans  # it was banned not long ago: this ban lasts longer
+        seconds = min(settings.ban_seconds * settings.ban_factor ** bans, settings.max_ban_seconds)
+        self.book.ban(prefix, ip, now, now + seconds, bans + 1, total)
+        log.warning("defender.banned", ip=ip, prefix=str(prefix), seconds=round(seconds, 1),
+                    failures=round(total, 2), ban=bans + 1)
+        self._events.publish(AddressBanned(ip=ip, seconds=seconds, failures=round(total, 2), prefix=str(prefix)))
         return True
 
-    def banned(self) -> dict[str, float]:
-        """Every address banned now, with the seconds its ban has left."""
-        now = self._clock()
-        return {str(a): r.banned_until - now for a, r in self._records.items() if r.banned_until > now}
+    def logged_in(self, ip: str) -> None:
+        """Remember a successful login: its prefix is known-good for ``known_good_days``."""
+        prefix = self.prefix(ip)
+        if prefix is not None and self._settings().known_good_days > 0:
+            self.book.logged_in(prefix, self._clock())
 
-    # -- memory ------------------------------------------------------------------------
+    def bans(self) -> list[Ban]:
+        """Every ban in force now, longest first."""
+        return self.book.bans(self._clock())
 
-    def _touch(self, address: Address, now: float) -> _Record:
-        """The record of ``address``, made the most recent; old records are dropped past the cap."""
-        record = self._records.pop(address, None)
-        if record is not None and self._stale(record, now):
-            record = None  # it stayed out of trouble long enough: its history is forgotten
-        self._records[address] = record or _Record()
-        if len(self._records) > self._max:
-            self._shrink(now, keep=address)
-        return self._records[address]
+    def unban(self, target: str) -> list[Ban]:
+        """Lift the bans that overlap an address or a prefix (and forgive its failures); return the rows removed.
 
-    def _stale(self, record: _Record, now: float) -> bool:
-        settings = self._settings()
-        history_over = record.bans == 0 or record.banned_until + settings.max_ban_seconds <= now
-        return history_over and all(now - t >= settings.window_seconds for t in record.failures)
+        Raises ValueError when ``target`` is neither an address nor a network.
+        """
+        network = parse_target(target)
+        if network is None:
+            raise ValueError(f"{target!r} is neither an IP address nor a network")
+        single = network.num_addresses == 1
+        forgive = self._prefix_of(network.network_address) if single else None
+        lifted = self.book.unban(network, forgive=forgive)
+        self._global = (float("-inf"), False)
+        for ban in lifted:
+            log.info("defender.unbanned", prefix=ban.prefix, target=target)
+        return lifted
 
-    def _shrink(self, now: float, keep: Address) -> None:
-        """Drop forgotten records, then the least recently active without a ban in force (never ``keep``)."""
-        for address in [a for a, r in self._records.items() if a != keep and self._stale(r, now)]:
-            del self._records[address]
-        excess = len(self._records) - self._max
-        if excess <= 0:
+    def _prune(self, now: float) -> None:
+        if now - self._pruned < _PRUNE_EVERY:
             return
-        unbanned = [a for a, r in self._records.items() if a != keep and r.banned_until <= now][:excess]
-        for address in unbanned:
-            del self._records[address]
-        # Only banned addresses left over the cap (a flood of bans): the oldest go.
-        while len(self._records) > self._max:
-            self._records.popitem(last=False)
+        self._pruned = now
+        settings = self._settings()
+        self.book.prune(failures_before=now - max(settings.window_seconds, 60.0),
+                        bans_before=now - settings.max_ban_seconds,
+                        logins_before=now - settings.known_good_days * 86400)

@@ -11,6 +11,7 @@ Either appears in one rename. The business software must ignore names starting w
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,10 +24,10 @@ from typing import BinaryIO
 
 from relayd.config import Commune
 from relayd.fsutil import TEMP_PREFIX, apply_owner_mode, publish_dir, publish_file, resolve_gid
-from relayd.pec.package import Package
-from relayd.pec.zipcheck import CHUNK, open_zip, stream_member
+from relayd.pec.package import SUMMARY_NAME, Package, nested_folder
+from relayd.pec.zipcheck import open_zip, stream_member
+from relayd.rejections import Reason, Rejection
 
-SUMMARY_NAME = "relayd.json"
 
 
 def inbox_name(package: Package, commune: Commune) -> str:
@@ -62,7 +63,7 @@ def _hand_over_extracted(package: Package, source: Path, final: Path, mode: int,
     tmp = final.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}.tmp"
     tmp.mkdir(mode=0o700)
     try:
-        files = _extract_all(package, source, tmp, mode, gid)
+        files = _extract_guarded(package, source, tmp, mode, gid)
         summary = {
             "numero": package.numero,
             "demarche": package.demarche,
@@ -91,6 +92,30 @@ def _hand_over_extracted(package: Package, source: Path, final: Path, mode: int,
         raise
 
 
+#: what the inbox's file system says when a name cannot be written as it is
+_COLLISION_ERRNOS = {errno.EEXIST, errno.EISDIR, errno.ENOTDIR}
+_NAME_ERRNOS = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL}
+
+
+def _extract_guarded(package: Package, source: Path, dest: Path, mode: int, gid: int) -> list[dict[str, object]]:
+    """Extract, turning a name the inbox's file system cannot hold into a refusal rather than a stranded package.
+
+    Verification refuses colliding names already (``check_extracted_tree``); this catches what
+    only this file system knows (a case-insensitive mount, a shorter name limit). A refusal
+    quarantines the package and answers the platform; other errors (disk full) stay retryable.
+    """
+    try:
+        return _extract_all(package, source, dest, mode, gid)
+    except OSError as exc:
+        if exc.errno in _COLLISION_ERRNOS:
+            raise Rejection(Reason.EXTRACT_COLLISION,
+                            f"two members collide once extracted in the inbox ({errno.errorcode[exc.errno]}).") from None
+        if exc.errno in _NAME_ERRNOS:
+            raise Rejection(Reason.ZIP_NAME_INVALID,
+                            f"the inbox cannot hold a member's name ({errno.errorcode[exc.errno]}).") from None
+        raise
+
+
 def _extract_all(package: Package, source: Path, dest: Path, mode: int, gid: int) -> list[dict[str, object]]:
     """Write every member (nested zips unpacked) under ``dest``; return the file list for relayd.json."""
     files: list[dict[str, object]] = []
@@ -100,11 +125,11 @@ def _extract_all(package: Package, source: Path, dest: Path, mode: int, gid: int
             if info.is_dir():
                 continue
             if info.filename in package.nested:
-                sub = dest / PurePosixPath(info.filename).stem
+                sub = dest / nested_folder(info.filename)
                 sub.mkdir(mode=0o700)
                 # A nested zip must be seekable: spool it, anonymously, on the inbox's own disk.
-                with zf.open(info) as raw, tempfile.TemporaryFile(dir=dest) as spool:
-                    shutil.copyfileobj(raw, spool, CHUNK)
+                with tempfile.TemporaryFile(dir=dest) as spool:
+                    stream_member(zf, info, spool.write)
                     spool.seek(0)
                     with open_zip(spool) as inner:
                         for nested in package.nested[info.filename]:

@@ -23,7 +23,7 @@ import structlog
 from relayd.clock import SYSTEM_CLOCK, Clock
 from relayd.config import Config, Mail
 from relayd.deadlines import build_report
-from relayd.events import DeadLetter, DiskLow, Event, HostKeyMismatch, PackageAccepted, PackageRejected
+from relayd.events import DeadLetter, DiskLow, Event, HostKeyMismatch, PackageAccepted, PackageRejected, ReturnServerOutage
 from relayd.ledger import Ledger
 from relayd.mail import messages
 from relayd.mail.messages import Draft
@@ -97,6 +97,8 @@ class Mailer:
             self._host_key_alerts = {m: t for m, t in self._host_key_alerts.items() if now - t < HOST_KEY_ALERT_EVERY}
             self._host_key_alerts[event.message] = now
             return [messages.host_key_mismatch(event, admin)]
+        if isinstance(event, ReturnServerOutage):
+            return [messages.return_server_outage(event, admin)]
         if isinstance(event, DiskLow):
             was_low, self._disk_low = self._disk_low, event.low
             return [messages.disk_low(event, admin)] if event.low and not was_low else []

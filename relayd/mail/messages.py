@@ -19,7 +19,7 @@ from email.utils import format_datetime
 from typing import TYPE_CHECKING
 
 from relayd.config import Commune, Config
-from relayd.events import DeadLetter, DiskLow, HostKeyMismatch, PackageAccepted, PackageRejected
+from relayd.events import DeadLetter, DiskLow, HostKeyMismatch, PackageAccepted, PackageRejected, ReturnServerOutage
 
 if TYPE_CHECKING:
     from relayd.deadlines import DossierAge, StatusReport
@@ -163,6 +163,8 @@ def dead_letters(events: Sequence[DeadLetter], admin: Sequence[str]) -> Draft:
     body = (f"Bonjour,\n\n{intro}\n\n    Entrée  Type    Dossier       Tentatives      Erreur\n" + "\n".join(lines) +
             f"\n\nUne fois la cause corrigée, relancez-les :\n    relayd outbox retry -c <fichier de configuration> {ids}\n"
             f"ou tous les envois abandonnés d'un coup :\n    relayd outbox retry -c <fichier de configuration> --dead\n"
+            f"Tant qu'un envoi abandonné n'est ni relancé ni abandonné pour de bon (relayd outbox purge <id>), les "
+            f"envois suivants du même dossier attendent derrière lui.\n"
             f"(`relayd outbox list` montre tous les envois en attente ou abandonnés.) Les abandons suivants sont "
             f"regroupés dans une alerte par heure au plus.\n\n{SIGNATURE}\n")
     return Draft("alert", tuple(admin), subject, body, numero=first.numero if len(events) == 1 else None)
@@ -178,6 +180,24 @@ def host_key_mismatch(event: HostKeyMismatch, admin: Sequence[str]) -> Draft:
             f"platform.host_key_fingerprints et rechargez relayd (systemctl reload relayd).\n"
             f"Cette alerte est répétée au plus une fois par jour.\n\n{SIGNATURE}\n")
     return Draft("alert", tuple(admin), f"[relayd] Clé d'hôte inattendue sur {event.host}:{event.port}", body)
+
+
+def return_server_outage(event: ReturnServerOutage, admin: Sequence[str]) -> Draft:
+    """The return server has been out of reach for a while (or is back): acks and returns wait, none is lost."""
+    where = f"{event.host}:{event.port}"
+    hours = event.seconds / 3600
+    if event.down:
+        subject = f"[relayd] Serveur de retour injoignable : {where}"
+        body = (f"Bonjour,\n\nLe serveur de retour de la plateforme, {where}, est injoignable depuis {hours:.1f} h :\n\n"
+                f"    {event.error_code} : {_one_line(event.error)}\n\n"
+                f"{event.pending} envoi(s) (accusés de réception et retours) attendent dans l'outbox. relayd réessaie "
+                f"sans fin et les enverra dans l'ordre dès que le serveur répondra : aucun n'est abandonné. "
+                f"Un second message dira quand la liaison sera rétablie.\n\n{SIGNATURE}\n")
+    else:
+        subject = f"[relayd] Serveur de retour de nouveau joignable : {where}"
+        body = (f"Bonjour,\n\nLe serveur de retour de la plateforme, {where}, répond de nouveau, après {hours:.1f} h "
+                f"d'interruption. Les envois en attente partent ({event.pending} encore en attente).\n\n{SIGNATURE}\n")
+    return Draft("alert", tuple(admin), subject, body)
 
 
 def disk_low(event: DiskLow, admin: Sequence[str]) -> Draft:

@@ -4,6 +4,15 @@ One at a time keeps each dossier's order without any locking, and one connection
 enough for the volumes of a commune. When the server cannot be reached at all (connection,
 authentication, host key, timeout), every entry due in this round records the failed
 attempt, so that a round means the same thing for each entry and backoff applies to all.
+
+Failures fall in three kinds (README, "Which errors dead-letter"):
+
+* an outage (:data:`OUTAGE_FAILURES`): nothing is wrong with the entries; they wait for ever,
+  with the capped backoff, and an outage that lasts ``platform.alert_after_hours`` alerts the
+  administrator (and again when it clears);
+* what no retry can mend (:data:`PERMANENT_FAILURES`): dead-letter at once, for an operator;
+* anything else the server answers (``remote_error``, ``size_mismatch``): retried, and
+  dead-lettered after ``retry.max_attempts`` or ``retry.max_age_hours``.
 """
 
 from __future__ import annotations
@@ -17,16 +26,17 @@ from typing import TypeVar
 import structlog
 
 from relayd.config import ReturnServer
-from relayd.events import NO_EVENTS, Events, HostKeyMismatch
+from relayd.events import NO_EVENTS, Events, HostKeyMismatch, ReturnServerOutage
 from relayd.outbound.outbox import Entry, Outbox
 from relayd.outbound.sftp_client import CHUNK_BYTES, DeliveryError, ReturnServerClient
 
 log = structlog.get_logger("relayd.delivery")
 
-#: failures that say nothing about the entry itself, only about reaching the server
-SERVER_FAILURES = {"host_key_mismatch", "auth_failed", "connect_failed", "timeout"}
+#: failures that say nothing about the entry itself, only about reaching the server: waited out, never dead-lettered.
+#: A host key that is not pinned holds the queue too (and alerts), until an admin pins the new key.
+OUTAGE_FAILURES = frozenset({"host_key_mismatch", "auth_failed", "connect_failed", "timeout"})
 #: failures that no retry can mend: the entry goes to dead-letter at once, for an operator
-PERMANENT_FAILURES = {"payload_missing", "remote_conflict"}
+PERMANENT_FAILURES = frozenset({"payload_missing", "remote_conflict", "remote_denied", "remote_dir_missing"})
 #: a ledger step that takes longer than this means the ledger (or its disk) is stuck
 LEDGER_STEP_SECONDS = 10.0
 
@@ -48,6 +58,9 @@ class DeliveryWorker:
         self._stopping = False
         #: the step under way and when it should be over by (monotonic): the watchdog's measure of "wedged"
         self._step: tuple[str, float, float] | None = None
+        #: when the server went out of reach (time.time()), and whether the administrator was told
+        self.outage_since: float | None = None
+        self._outage_alerted = False
 
     def reconfigure(self, server: ReturnServer | None) -> None:
         """Use these return-server settings from the next connection on (SIGHUP)."""
@@ -144,14 +157,17 @@ class DeliveryWorker:
                         if exc.code == "host_key_mismatch" and self.server is not None:
                             self.events.publish(HostKeyMismatch(host=self.server.host, port=self.server.port,
                                                                 message=exc.message))
+                        outage = exc.code in OUTAGE_FAILURES
                         await self._ledger("recording a failed attempt", self.outbox.failed, entry, exc.code,
-                                           exc.message, permanent=exc.code in PERMANENT_FAILURES)
-                        if exc.code in SERVER_FAILURES:
+                                           exc.message, permanent=exc.code in PERMANENT_FAILURES, outage=outage)
+                        if outage:
                             for rest in entries[i + 1:]:
                                 await self._ledger("recording a failed attempt", self.outbox.failed, rest, exc.code,
-                                                   exc.message)
+                                                   exc.message, outage=True)
+                            await self._out_of_reach(exc)
                             return delivered + len(records)
                         continue
+                    await self._in_reach()
                     records.append(asyncio.create_task(asyncio.to_thread(self.outbox.delivered, entry)))
             finally:
                 # Settle every record, even when cancelled: each stands for a file the server has.
@@ -167,6 +183,37 @@ class DeliveryWorker:
                 break
             delivered += len(records)
         return delivered
+
+    async def _out_of_reach(self, exc: DeliveryError) -> None:
+        """Note an outage; once it has lasted ``alert_after_hours``, tell the administrator (once)."""
+        assert self.server is not None
+        now = time.time()
+        if self.outage_since is None:
+            self.outage_since = now
+        lasted = now - self.outage_since
+        if self._outage_alerted or lasted < self.server.alert_after_hours * 3600:
+            return
+        self._outage_alerted = True
+        pending = (await self._ledger("reading the outbox", self.outbox.counts)).get("pending", 0)
+        log.error("delivery.return_server_down", server=f"{self.server.host}:{self.server.port}",
+                  since_seconds=round(lasted), code=exc.code, error=exc.message, pending=pending,
+                  hint="entries wait and are sent once the server answers again; nothing is dead-lettered")
+        self.events.publish(ReturnServerOutage(down=True, host=self.server.host, port=self.server.port, seconds=lasted,
+                                               error_code=exc.code, error=exc.message, pending=pending))
+
+    async def _in_reach(self) -> None:
+        """A delivery went through: an outage is over; say so if it was alerted."""
+        if self.outage_since is None:
+            return
+        assert self.server is not None
+        lasted, alerted = time.time() - self.outage_since, self._outage_alerted
+        self.outage_since, self._outage_alerted = None, False
+        log.info("delivery.return_server_back", server=f"{self.server.host}:{self.server.port}",
+                 outage_seconds=round(lasted, 1))
+        if alerted:
+            pending = (await self._ledger("reading the outbox", self.outbox.counts)).get("pending", 0)
+            self.events.publish(ReturnServerOutage(down=False, host=self.server.host, port=self.server.port,
+                                                   seconds=lasted, error_code="", error="", pending=pending))
 
     def _delivery_bound(self, entry: Entry) -> float:
         """How long one delivery may take at most: connecting, logging in, and each SFTP operation's timeout."""

@@ -4,9 +4,10 @@ An entry is the reply package's bytes in ``<storage>/outbox/`` plus a ledger row
 file is durable before the row exists, and the row exists before anything is sent, so a
 crash at any moment loses nothing (contract 5). Entries of one dossier leave in the order
 they were queued: an entry waits while an older one of the same dossier is pending or
-dead. A failed delivery is retried with exponential backoff, jitter and a cap; after too
-many attempts, or once too old, the entry goes to dead-letter, where an operator sees it
-(``relayd outbox list``) and can send it again (``relayd outbox retry``).
+dead. A failed delivery is retried with exponential backoff, jitter and a cap. An outage of
+the server is waited out for ever; a failure retrying cannot mend goes to dead-letter at once,
+and one the server keeps giving after too many attempts, or once too old; there an operator
+sees it (``relayd outbox list``) and can send it again (``relayd outbox retry``).
 """
 
 from __future__ import annotations
@@ -210,20 +211,28 @@ class Outbox:
         log.info("outbox.delivered", id=entry.id, kind=entry.kind, numero=entry.numero, state=entry.target_state,
                  remote_name=entry.remote_name, attempts=entry.attempts + 1)
 
-    def failed(self, entry: Entry, code: str, message: str, *, permanent: bool = False) -> Entry:
+    def failed(self, entry: Entry, code: str, message: str, *, permanent: bool = False, outage: bool = False) -> Entry:
         """Record a failed attempt: schedule the next one, or send the entry to dead-letter.
 
-        ``permanent`` failures (retrying cannot help) go to dead-letter at once.
+        ``permanent`` failures (retrying cannot help) go to dead-letter at once. An ``outage``
+        (the server out of reach) says nothing about the entry: it waits, however long, with the
+        capped backoff. Other failures go to dead-letter after ``max_attempts`` or ``max_age_hours``,
+        counted without the attempts and the time an outage took: a server back from three days
+        away with a full disk gets the whole budget again.
         """
         attempts = entry.attempts + 1
         now = self.clock()
-        age_hours = (now - datetime.fromisoformat(entry.created_at).timestamp()) / 3600
-        dead = permanent or attempts >= self.retry.max_attempts or age_hours >= self.retry.max_age_hours
-        next_at = now if dead else now + self.backoff(attempts)
         with self.ledger.transaction() as db:
-            db.execute("UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error_code = ?,"
-                       " last_error = ? WHERE id = ? AND status = 'pending'",
-                       ("dead" if dead else "pending", attempts, next_at, code, message, entry.id))
+            waited = db.execute("SELECT outage_attempts FROM outbox WHERE id = ?", (entry.id,)).fetchone()
+            outages = (waited["outage_attempts"] if waited else 0) + (1 if outage else 0)
+            age_hours = (now - datetime.fromisoformat(entry.created_at).timestamp()) / 3600
+            worn_out = attempts - outages >= self.retry.max_attempts or (
+                outages == 0 and age_hours >= self.retry.max_age_hours)
+            dead = permanent or (worn_out and not outage)
+            next_at = now if dead else now + self.backoff(attempts)
+            db.execute("UPDATE outbox SET status = ?, attempts = ?, outage_attempts = ?, next_attempt_at = ?,"
+                       " last_error_code = ?, last_error = ? WHERE id = ? AND status = 'pending'",
+                       ("dead" if dead else "pending", attempts, outages, next_at, code, message, entry.id))
             if dead:
                 Ledger.event(db, entry.numero, "dead_letter",
                              f"{entry.kind} #{entry.id} gave up after {attempts} attempts: {code}: {message}")
@@ -270,7 +279,8 @@ class Outbox:
         with self.ledger.transaction() as db:
             for entry_id in ids:
                 cursor = db.execute(
-                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?, created_at = ?"
+                    "UPDATE outbox SET status = 'pending', attempts = 0, outage_attempts = 0, next_attempt_at = ?,"
+                    " created_at = ?"
                     " WHERE id = ? AND status IN ('pending', 'dead')", (self.clock(), _iso(self.clock()), entry_id))
                 if cursor.rowcount:
                     changed.append(entry_id)

@@ -9,9 +9,15 @@ A drop sits in a commune's return directory. It is one of:
   forwarded as it is.
 
 A drop that passes becomes an outbox entry (a ``Retour`` package addressed from the
-dossier's ``Aller`` routing, Sender and Recipient swapped) and moves, with its attachments,
-to the archive. A drop that fails moves to the commune's ``rejected`` folder beside a
+dossier's ``Aller`` routing, Sender and Recipient swapped) and goes, with its attachments,
+to the archive. A drop that fails goes to the commune's ``rejected`` folder beside a
 ``.reason.json``, and nothing is sent. The same drop twice is queued once.
+
+Every file is opened without following links and must be a regular file with a single
+link (:mod:`relayd.outbound.dropfiles`); "goes" means a copy of what was read, in a file of
+relayd's own, then the original name removed, so that no file relayd did not create ever
+has its mode or owner changed. Attachments are opened with real parsers
+(:mod:`relayd.outbound.attachments`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -32,15 +39,17 @@ from typing import Literal
 import structlog
 
 from relayd.config import Commune, Config, Returns
-from relayd.fsutil import ensure_dir, fsync_dir, publish_file, resolve_gid, write_durably
+from relayd.fsutil import ensure_dir, fsync_dir, resolve_gid, write_durably
 from relayd.ledger import STATE_LABELS, Ledger
+from relayd.outbound.attachments import check_content
+from relayd.outbound.dropfiles import TakenFile, read_regular, set_aside_name, take
 from relayd.outbound.outbox import Entry, Outbox, Queued
 from relayd.outbound.watcher import DropWatcher
 from relayd.pec.envelope import Location, Party, Recipients, Routing, read_envelope
 from relayd.pec.replies import Attachment, ReplyPackage, build_retour, read_reply
 from relayd.pec.status import StatusFile, read_status_file
 from relayd.pec.xml import parse_xml
-from relayd.pec.zipcheck import PackageLimits, check_directory, open_zip
+from relayd.pec.zipcheck import PackageLimits, check_directory, check_extraction_names, open_zip
 from relayd.rejections import Reason, Rejection
 
 log = structlog.get_logger("relayd.returns")
@@ -83,8 +92,14 @@ class _Drop:
     comment: str | None = None
     demarche: str | None = None
     attachments: list[tuple[str, str | None, bytes]] = field(default_factory=list)  # name, title, data
-    companions: list[Path] = field(default_factory=list)  # attachment files beside a status file
+    taken: TakenFile | None = None  # the drop itself, once read safely
+    companions: list[TakenFile] = field(default_factory=list)  # attachment files beside a status file
+    untaken: list[Path] = field(default_factory=list)  # names beside it that were refused unread (links...)
     sha256: str = ""
+
+    def names(self) -> list[str]:
+        """Every attachment name beside the drop that goes where the drop goes."""
+        return [c.path.name for c in self.companions] + [p.name for p in self.untaken]
 
 
 def check_attachment_size(name: str, size: int, limits: Returns) -> None:
@@ -96,7 +111,7 @@ def check_attachment_size(name: str, size: int, limits: Returns) -> None:
 
 
 def check_attachment(name: str, content: bytes, limits: Returns) -> str:
-    """Check one attachment's size, and its type by name *and* content; return its MIME type."""
+    """Check one attachment's size, its type by name, and its content with a real parser; return its MIME type."""
     check_attachment_size(name, len(content), limits)
     allowed = [t.lower().lstrip(".") for t in limits.attachment_types]
     ext = PurePosixPath(name).suffix.lower().lstrip(".")
@@ -105,6 +120,7 @@ def check_attachment(name: str, content: bytes, limits: Returns) -> str:
     magic, media_type = ATTACHMENT_TYPES[ext]
     if not content.startswith(magic):
         raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} is named .{ext} but its content is not {ext.upper()}.")
+    check_content(name, ext, content)
     return media_type
 
 
@@ -139,7 +155,7 @@ class ReturnDrops:
         """Check one complete drop and queue it, or set it aside with a reason. Never raises for bad input."""
         bound = log.bind(commune=commune.insee, drop=path.name)
         drop = _Drop(path)
-        if not path.exists():
+        if not os.path.lexists(path):
             # Taken back by whoever dropped it between the scan and now: nothing to send, nothing to set aside.
             bound.info("returns.vanished")
             return DropOutcome("vanished")
@@ -166,6 +182,13 @@ class ReturnDrops:
             # The outbox keys replies by MessageId: a forwarded package may not reuse one.
             rejection = Rejection(Reason.RETURN_PACKAGE_INVALID, "its MessageId was already used by another return.")
             return self._reject(drop, commune, rejection, bound)
+        except FileNotFoundError:
+            if not os.path.lexists(path):
+                bound.info("returns.vanished")  # taken back while it was being read
+                return DropOutcome("vanished")
+            bound.exception("returns.internal_error", error="FileNotFoundError")
+            rejection = Rejection(Reason.INTERNAL_ERROR, "relayd failed on this drop (FileNotFoundError).")
+            return self._reject(drop, commune, rejection, bound)
         except Exception as exc:  # noqa: BLE001 - a drop must never stop the watcher
             bound.exception("returns.internal_error", error=type(exc).__name__)
             rejection = Rejection(Reason.INTERNAL_ERROR, f"relayd failed on this drop ({type(exc).__name__}).")
@@ -178,36 +201,50 @@ class ReturnDrops:
     # -- reading ---------------------------------------------------------------------
 
     def _read(self, drop: _Drop, commune: Commune) -> None:
+        # Every file is opened once, without following links, and only what that descriptor read is used.
         limits = self.config.returns
-        size = drop.path.stat().st_size
         if drop.path.suffix.lower() == ".xml":
-            if size > limits.max_status_bytes:
-                raise Rejection(Reason.XML_TOO_LARGE, f"the status file has {size} bytes; the limit is {limits.max_status_bytes}.")
-            data = drop.path.read_bytes()
+            limit = limits.max_status_bytes
+            drop.taken = read_regular(drop.path, limit=limit, what="the status file", too_large=lambda size: Rejection(
+                Reason.XML_TOO_LARGE, f"the status file has {size} bytes; the limit is {limit}."))
+            data = drop.taken.data
             self._take_status(drop, read_status_file(data, max_bytes=limits.max_status_bytes))
             digest = hashlib.sha256(data)
             for attachment in drop.status.attachments:
-                beside = drop.path.parent / attachment.file
-                if beside.is_symlink():
-                    # A link could make relayd send any file it can read to the platform.
-                    raise Rejection(Reason.ATTACHMENT_TYPE, f"{attachment.file!r} is a symbolic link, not a file.")
-                if not beside.is_file():
-                    raise Rejection(Reason.ATTACHMENT_MISSING,
-                                    f"{attachment.file!r} is not beside the status file; write attachments first.")
-                self._check_size(attachment.file, beside.stat().st_size)
-                content = beside.read_bytes()
-                drop.companions.append(beside)
-                drop.attachments.append((attachment.file, attachment.title, content))
-                digest.update(hashlib.sha256(content).digest())
+                companion = self._read_beside(drop, attachment.file)
+                drop.attachments.append((attachment.file, attachment.title, companion.data))
+                digest.update(hashlib.sha256(companion.data).digest())
             drop.sha256 = digest.hexdigest()
         else:
             budget = limits.max_status_bytes + limits.max_attachments * limits.max_attachment_bytes + 1024 * 1024
-            if size > budget:
-                raise Rejection(Reason.ATTACHMENT_TOO_LARGE, f"the zip has {size} bytes; no valid return is that large.")
-            data = drop.path.read_bytes()
+            drop.taken = read_regular(drop.path, limit=budget, what="the zip", too_large=lambda size: Rejection(
+                Reason.ATTACHMENT_TOO_LARGE, f"the zip has {size} bytes; no valid return is that large."))
+            data = drop.taken.data
             drop.sha256 = hashlib.sha256(data).hexdigest()
             self._read_zip(drop, data, budget)
         self._check_attachments(drop)
+
+    def _read_beside(self, drop: _Drop, name: str) -> TakenFile:
+        """Read one attachment named by a status file; a refused one goes where the drop goes, unread."""
+        beside = drop.path.parent / name
+        try:
+            companion = read_regular(beside, limit=self.config.returns.max_attachment_bytes, what="the attachment",
+                                     too_large=lambda size: self._size_error(name, size))
+        except FileNotFoundError:
+            raise Rejection(Reason.ATTACHMENT_MISSING,
+                            f"{name!r} is not beside the status file; write attachments first.") from None
+        except Rejection:
+            drop.untaken.append(beside)
+            raise
+        drop.companions.append(companion)
+        return companion
+
+    def _size_error(self, name: str, size: int) -> Rejection:
+        try:
+            check_attachment_size(name, size, self.config.returns)
+        except Rejection as rejection:
+            return rejection
+        return Rejection(Reason.ATTACHMENT_TOO_LARGE, f"{name!r} grew while it was read.")
 
     def _read_zip(self, drop: _Drop, data: bytes, budget: int) -> None:
         zf = open_zip(io.BytesIO(data), label="the return zip")
@@ -215,6 +252,7 @@ class ReturnDrops:
             limits = PackageLimits(max_package_bytes=budget, max_members=self.config.returns.max_attachments + 1,
                                    max_total_uncompressed_bytes=budget)
             infos = check_directory(zf, limits, label="the return zip")
+            check_extraction_names((i.filename for i in infos), label="the return zip")
             names = [i.filename for i in infos if not i.is_dir()]
             if "message.xml" in names:
                 reply = read_reply(data)
@@ -386,14 +424,14 @@ class ReturnDrops:
         return DropOutcome("duplicate", drop.numero, previous, location=location)
 
     def _archive(self, drop: _Drop) -> Path:
+        # A copy of exactly what was checked, in relayd's own files; the business software's names go.
+        assert drop.taken is not None
         folder = ensure_dir(self.config.storage.archive / "returns" / datetime.now(UTC).strftime("%Y/%m"))
         stamp = _stamp()
         target = folder / f"{stamp}-{drop.path.name}"
         for companion in drop.companions:
-            if companion.exists():
-                publish_file(companion, folder / f"{stamp}-{companion.name}", mode=0o600, move=True)
-        publish_file(drop.path, target, mode=0o600, move=True)
-        fsync_dir(drop.path.parent)
+            take(companion, folder / f"{stamp}-{companion.path.name}", mode=0o600)
+        take(drop.taken, target, mode=0o600)
         return target
 
     def _reject(self, drop: _Drop, commune: Commune, rejection: Rejection, bound) -> DropOutcome:
@@ -410,18 +448,22 @@ class ReturnDrops:
             "drop": drop.path.name,
             "numero": drop.numero,
             "state": drop.state,
-            "attachments": [c.name for c in drop.companions],
+            "attachments": drop.names(),
             "sent": False,
         }
         # The reason first: whoever finds the refused drop finds why beside it.
         # The business software reads this folder: its files get the commune's mode and group.
         write_durably(folder / f"{target.name}.reason.json",
                       (json.dumps(reason, indent=2, ensure_ascii=False) + "\n").encode(), mode=commune.mode, gid=gid)
+        # What relayd read is copied into files of its own; a name it refused to read moves as a name only.
         for companion in drop.companions:
-            if companion.exists():
-                publish_file(companion, folder / f"{stamp}-{companion.name}", mode=commune.mode, gid=gid, move=True)
-        if drop.path.exists():
-            publish_file(drop.path, target, mode=commune.mode, gid=gid, move=True)
+            take(companion, folder / f"{stamp}-{companion.path.name}", mode=commune.mode, gid=gid)
+        for name in drop.untaken:
+            set_aside_name(name, folder / f"{stamp}-{name.name}")
+        if drop.taken is not None:
+            take(drop.taken, target, mode=commune.mode, gid=gid)
+        else:
+            set_aside_name(drop.path, target)
         fsync_dir(folder)
         if drop.numero and self.ledger.dossier(drop.numero) is not None:
             self.ledger.record_event(drop.numero, "return_rejected", f"{drop.path.name}: {rejection.reason.value}: {rejection.detail}")

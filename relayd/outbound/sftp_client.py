@@ -40,7 +40,8 @@ T = TypeVar("T")
 
 #: the ``code`` values of :class:`DeliveryError`
 ERROR_CODES = frozenset(
-    {"host_key_mismatch", "auth_failed", "connect_failed", "timeout", "remote_error", "size_mismatch", "remote_conflict"}
+    {"host_key_mismatch", "auth_failed", "connect_failed", "timeout", "remote_error", "size_mismatch", "remote_conflict",
+     "remote_denied", "remote_dir_missing"}
 )
 
 #: how much of the local file goes in one SFTP write call (asyncssh splits it into parallel requests)
@@ -197,7 +198,7 @@ class ReturnServerClient:
             remote = await self._op(sftp.open(part, "wb"), f"open {part} for writing")
         except DeliveryError as exc:
             if exc.code == "remote_error" and await self._missing_dir(sftp, remote_dir):
-                raise DeliveryError("remote_error", f"the remote directory {remote_dir} does not exist on the return server "
+                raise DeliveryError("remote_dir_missing", f"the remote directory {remote_dir} does not exist on the return server "
                                     f"(could not create {part}); nothing was delivered") from None
             raise
         # On an error the handle is not closed here: the caller aborts the whole connection, which
@@ -259,6 +260,9 @@ class ReturnServerClient:
             raise DeliveryError("timeout", f"the return server {self._endpoint} did not answer within {timeout:g} s ({what})") from None
         except asyncssh.SFTPConnectionLost as exc:
             raise DeliveryError("connect_failed", f"the connection to {self._endpoint} was lost ({what}): {exc.reason}") from exc
+        except asyncssh.SFTPPermissionDenied as exc:
+            raise DeliveryError("remote_denied", f"the return server denied the permission to {what}: "
+                                f"{exc.reason or 'no reason given'}") from exc
         except asyncssh.SFTPError as exc:
             raise DeliveryError("remote_error", f"the return server refused to {what}: {exc.reason or 'no reason given'} "
                                 f"(SFTP status {exc.code})") from exc

@@ -150,7 +150,9 @@ class DropWatcher:
                     self._note_stray(Path(item.path), item.name, now, present)
                     continue
                 try:
-                    if not item.is_file(follow_symlinks=False):
+                    # Links and other non-regular files are drops too: returns refuses them with a reason,
+                    # rather than leaving them unexplained. Only folders are not drops.
+                    if item.is_dir(follow_symlinks=False):
                         continue
                     st = item.stat(follow_symlinks=False)
                 except OSError:

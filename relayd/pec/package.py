@@ -13,17 +13,31 @@ import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO
 
 from lxml import etree
 
 from relayd.pec.envelope import Message, read_envelope
 from relayd.pec.xml import parse_xml
-from relayd.pec.zipcheck import CHUNK, PackageLimits, check_directory, open_zip, stream_member
+from relayd.pec.zipcheck import (
+    CHUNK,
+    PackageLimits,
+    check_directory,
+    check_extraction_names,
+    name_key,
+    open_zip,
+    stream_member,
+)
 from relayd.rejections import Reason, Rejection
 
 ENVELOPE_NAME = "message.xml"
+#: what relayd writes itself into an extracted delivery, which no member may take
+SUMMARY_NAME = "relayd.json"
+#: how every zip starts (a local header, an empty archive's end record, a split archive's marker)
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08", b"PK\x06\x06")
+#: documents that are zips by design; they are opened as documents, never unpacked
+ZIP_BASED_DOCUMENTS = (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp")
 
 
 @dataclass(frozen=True)
@@ -76,9 +90,10 @@ def file_sha256(path: Path) -> str:
 def inspect_package(path: Path, limits: PackageLimits) -> Package:
     """Verify the package at ``path`` and return what it holds.
 
-    Order matters only for which reason is reported first: size, central directory,
-    the envelope, then every other member's CRC and XML (nested zips included), then the
-    member list against the envelope. Raises :class:`Rejection`; a refusal that comes
+    Order matters only for which reason is reported first: size, the zip's layout (one
+    canonical zip) and central directory, the envelope, names that would collide once
+    extracted, then every other member's CRC and XML (nested zips included, one level
+    deep), then the member list against the envelope. Raises :class:`Rejection`; a refusal that comes
     after the envelope was read carries it in ``Rejection.envelope``.
     """
     size = path.stat().st_size
@@ -96,7 +111,9 @@ def inspect_package(path: Path, limits: PackageLimits) -> Package:
             reader = _MemberReader(zf, limits, infos)
             message = read_envelope(reader.read_xml(envelope))
             try:
+                check_extraction_names((i.filename for i in infos), reserved=[SUMMARY_NAME])
                 members = [reader.read(info) for info in infos]
+                check_extracted_tree(infos, reader.nested)
                 _check_member_list(message, [m.name for m in members])
             except Rejection as exc:
                 exc.envelope = message
@@ -153,6 +170,7 @@ class _MemberReader:
         try:
             with open_zip(spool, label=label) as inner:
                 infos = check_directory(inner, self.limits, label=label)
+                check_extraction_names((i.filename for i in infos), label=label)
                 self.members_left -= len(infos)
                 self.bytes_left -= sum(i.file_size for i in infos)
                 if self.members_left < 0:
@@ -169,13 +187,56 @@ class _MemberReader:
                     if info.filename.lower().endswith(".xml"):
                         member, _ = _read_xml(inner, info, self.limits, name=f"{name}/{info.filename}", label=label)
                     else:
-                        digest = hashlib.sha256()
-                        stream_member(inner, info, digest.update, label=label)
-                        member = MemberInfo(info.filename, info.file_size, digest.hexdigest())
+                        member = _read_leaf(inner, info, label)
                     out.append(member)
                 return out
         except Rejection as exc:
             raise Rejection(Reason.PJ_ZIP_UNSAFE, exc.detail, cause=exc.reason) from None
+
+
+def _read_leaf(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> MemberInfo:
+    """Digest one member of a nested zip, which may not itself be a zip (one level of nesting only)."""
+    if info.filename.lower().endswith(".zip"):
+        raise Rejection(Reason.ZIP_NESTED_TOO_DEEP, f"{label} holds another zip, {info.filename!r}.")
+    digest = hashlib.sha256()
+    head = bytearray()
+
+    def take(chunk: bytes) -> None:
+        if len(head) < 4:
+            head.extend(chunk[: 4 - len(head)])
+        digest.update(chunk)
+
+    stream_member(zf, info, take, label=label)
+    if bytes(head).startswith(ZIP_SIGNATURES) and not info.filename.lower().endswith(ZIP_BASED_DOCUMENTS):
+        raise Rejection(Reason.ZIP_NESTED_TOO_DEEP, f"{label}: member {info.filename!r} is a zip under another name.")
+    return MemberInfo(info.filename, info.file_size, digest.hexdigest())
+
+
+def nested_folder(name: str) -> str:
+    """The folder an extracted delivery unpacks a nested zip into: its name without ``.zip``."""
+    return PurePosixPath(name).stem
+
+
+def check_extracted_tree(infos: list[zipfile.ZipInfo], nested: dict[str, list[MemberInfo]]) -> None:
+    """Refuse a package whose extracted delivery would collide with itself, whatever the commune's mode.
+
+    The tree is every member, each nested zip unpacked into its folder, and ``relayd.json``;
+    so that whether a package is accepted never depends on the commune it is for.
+    """
+    names = [i.filename for i in infos if i.filename not in nested]
+    folders = {name_key(nested_folder(zip_name)): zip_name for zip_name in nested}
+    for name in names:
+        # A nested zip's folder is its alone: relayd creates it, and nothing else may be in it.
+        key = name_key(name)
+        for depth in range(1, len(key) + 1):
+            if key[:depth] in folders:
+                raise Rejection(Reason.EXTRACT_COLLISION,
+                                f"the package once extracted: {name!r} would land where {folders[key[:depth]]!r} unpacks.")
+    for zip_name, inner in nested.items():
+        folder = nested_folder(zip_name)
+        names.append(f"{folder}/")
+        names.extend(f"{folder}/{m.name}" for m in inner)
+    check_extraction_names(names, label="the package once extracted", reserved=[SUMMARY_NAME])
 
 
 def _read_xml(

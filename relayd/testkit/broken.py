@@ -5,6 +5,12 @@ and changes one thing, so that it is wrong in exactly one way where the defect a
 truncated zip is also missing its envelope, of course). Integration testers push these at a relay
 and check the quarantine reason file and the negative ack.
 
+Many kinds are about the zip itself rather than its content: a package that one reader (the
+central directory: ``unzip``, Python) sees differently from another (the local headers, as
+``bsdtar`` through a pipe or Java's ``ZipInputStream`` stream them). They are built by
+cutting a valid zip into its records (:class:`_Zip`) and reassembling it with one lie. Kinds
+about the nested attachments zip answer ``pj_zip_unsafe``, with the inner code as ``cause``.
+
 Two kinds depend on the relay's limits:
 
 - ``oversized`` builds a ~3 MiB package: the relay under test must be configured with a maximum
@@ -15,12 +21,15 @@ Two kinds depend on the relay's limits:
 
 from __future__ import annotations
 
+import io
 import random
 import stat
 import struct
+import unicodedata
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import zlib
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 
 from relayd.rejections import Reason
 from relayd.testkit.samples import (
@@ -35,7 +44,7 @@ from relayd.testkit.samples import (
     zip_entry,
 )
 
-__all__ = ["BROKEN_KINDS", "BrokenKind", "build_broken", "build_oversized"]
+__all__ = ["BROKEN_KINDS", "BrokenKind", "build_broken", "build_oversized", "build_streamed"]
 
 #: Size of the run of zeros in the bomb kinds; deflate tops out near 1032:1, so ~20 KiB on disk.
 BOMB_BYTES = 20 * 1024 * 1024
@@ -51,6 +60,8 @@ class BrokenKind:
     reason: Reason
     description: str
     build: Callable[[SampleSpec], bytes]
+    #: for a fault inside the nested attachments zip (reason ``pj_zip_unsafe``), the inner code
+    cause: Reason | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -121,6 +132,138 @@ def _patch_headers(data: bytes, name: str, *, flag_or: int = 0, method: int | No
         if method is not None:
             struct.pack_into("<H", out, flags_at + 2, method)
     return bytes(out)
+
+
+# --------------------------------------------------------------------------- raw zip surgery
+
+
+@dataclass
+class _Record:
+    """One member as bytes: its local record (header, name, extra, data) and its central entry."""
+
+    local: bytearray
+    central: bytearray
+
+    @property
+    def name(self) -> str:
+        (name_len,) = struct.unpack_from("<H", self.central, 28)
+        return self.central[46 : 46 + name_len].decode("utf-8")
+
+
+@dataclass
+class _Zip:
+    records: list[_Record]
+    comment: bytes = b""
+    #: bytes before the first member, counted in the offsets (like ``zip -A``) or not (like ``cat``)
+    prefix: bytes = b""
+    prefix_in_offsets: bool = True
+    suffix: bytes = b""
+    #: bytes hidden after the member at this index, offsets adjusted around them
+    gaps: dict[int, bytes] = field(default_factory=dict)
+
+    def record(self, name: str) -> _Record:
+        return next(r for r in self.records if r.name == name)
+
+    def assemble(self) -> bytes:
+        out = bytearray(self.prefix)
+        base = 0 if self.prefix_in_offsets else len(self.prefix)
+        centrals = bytearray()
+        for i, record in enumerate(self.records):
+            central = bytearray(record.central)
+            struct.pack_into("<I", central, 42, len(out) - base)
+            out += record.local + self.gaps.get(i, b"")
+            centrals += central
+        cd_offset = len(out) - base
+        out += centrals
+        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(self.records), len(self.records),
+                           len(centrals), cd_offset, len(self.comment))
+        return bytes(out + self.comment + self.suffix)
+
+
+def _split(data: bytes) -> _Zip:
+    """Cut a zip written by :func:`write_zip` (no data descriptors) into its records."""
+    layout = _zip_layout(data)
+    starts = sorted(local for local, _ in layout.values())
+    eocd = data.rindex(b"PK\x05\x06")
+    cd_offset = struct.unpack_from("<I", data, eocd + 16)[0]
+    records = []
+    for local, central in sorted(layout.values()):
+        following = [s for s in starts if s > local]
+        end = following[0] if following else cd_offset
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, central + 28)
+        records.append(_Record(bytearray(data[local:end]),
+                               bytearray(data[central : central + 46 + name_len + extra_len + comment_len])))
+    return _Zip(records)
+
+
+def _set(record: _Record, *, local: dict[int, int] | None = None, both: dict[str, int] | None = None) -> None:
+    """Patch 4-byte fields: ``both`` by name (crc, csize, usize) in local header and central entry."""
+    at_local = {"crc": 14, "csize": 18, "usize": 22}
+    at_central = {"crc": 16, "csize": 20, "usize": 24}
+    for name, value in (both or {}).items():
+        struct.pack_into("<I", record.local, at_local[name], value)
+        struct.pack_into("<I", record.central, at_central[name], value)
+    for offset, value in (local or {}).items():
+        struct.pack_into("<I", record.local, offset, value)
+
+
+def _with_extra(spec: SampleSpec, ident: int, payload: bytes) -> bytes:
+    """The valid package with one extra field on the recap PDF, in both its headers (zipfile writes both)."""
+    members = build_members(spec)
+    victim = _victim(spec)
+    pairs: list[tuple[str | zipfile.ZipInfo, bytes]] = []
+    for name, data in members.items():
+        if name == victim:
+            info = zip_entry(name, spec.zip_date_time)
+            info.extra = struct.pack("<HH", ident, len(payload)) + payload
+            pairs.append((info, data))
+        else:
+            pairs.append((name, data))
+    return write_zip(pairs, date_time=spec.zip_date_time)
+
+
+class _Unseekable(io.RawIOBase):
+    """A sink zipfile cannot seek back in: it writes each member's CRC and sizes after its data."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.data += b
+        return len(b)
+
+
+def build_streamed(spec: SampleSpec, *, stored: Collection[str] = ()) -> bytes:
+    """The valid package as a streaming writer makes it (data descriptors), like the platform's Java."""
+    sink = _Unseekable()
+    with zipfile.ZipFile(sink, "w") as zf:
+        for name, data in build_members(spec).items():
+            info = zip_entry(name, spec.zip_date_time, stored=name in stored)
+            with zf.open(info, "w") as out:
+                out.write(data)
+    return bytes(sink.data)
+
+
+def _unicode_path_field(real_name: str, shown: str) -> bytes:
+    # Info-ZIP 0x7075: version 1, CRC-32 of the header's name, then the name readers should use instead.
+    return b"\x01" + struct.pack("<I", zlib.crc32(real_name.encode())) + shown.encode()
+
+
+def _with_pj(spec: SampleSpec, inner: list[tuple[str | zipfile.ZipInfo, bytes]] | bytes) -> bytes:
+    """The valid package whose nested attachments zip is ``inner`` (members, or the zip's bytes)."""
+    spec = _with_scans(spec)
+    members = build_members(spec)
+    data = inner if isinstance(inner, bytes) else write_zip(inner, date_time=spec.zip_date_time)
+    pj = pj_member_name(spec)
+    members[pj] = data
+    return _package(members, spec, stored={pj})
+
+
+def _scans(spec: SampleSpec) -> list[tuple[str | zipfile.ZipInfo, bytes]]:
+    return list(scan_files(_with_scans(spec)).items())
 
 
 # --------------------------------------------------------------------------- builders
@@ -312,6 +455,252 @@ def _envelope_incomplete(spec: SampleSpec) -> bytes:
     return _with_envelope(spec, drop_routage)
 
 
+# -- one canonical zip: every reader must see the same members
+
+
+def _prepended_package(spec: SampleSpec) -> bytes:
+    # Another package, with its own message.xml, in front; the offsets count it (like `zip -A`), so
+    # zipfile reads the real one from its central directory while a streaming reader meets the other first.
+    decoy = build_package(replace(spec, numero=spec.numero[:-1] + "X"))
+    package = _split(build_package(spec))
+    package.prefix = decoy
+    return package.assemble()
+
+
+def _leading_junk(spec: SampleSpec) -> bytes:
+    # As `cat junk package.zip` makes it: offsets not adjusted, zipfile quietly shifts them.
+    junk = random.Random(f"leading:{spec.numero}").randbytes(1024)
+    return b"MZ" + junk + build_package(spec)
+
+
+def _trailing_data(spec: SampleSpec) -> bytes:
+    return build_package(spec) + b"<html><body>appended after the end record</body></html>\n"
+
+
+def _comment_end_record(spec: SampleSpec) -> bytes:
+    # The archive comment holds a second, empty end record: readers that search backwards stop there.
+    package = _split(build_package(spec))
+    package.comment = b"PK\x05\x06" + bytes(18)
+    return package.assemble()
+
+
+def _zip64_member(spec: SampleSpec) -> bytes:
+    members = build_members(spec)
+    victim = _victim(spec)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            info = zip_entry(name, spec.zip_date_time)
+            with zf.open(info, "w", force_zip64=(name == victim)) as out:
+                out.write(data)
+    return buf.getvalue()
+
+
+def _evil_record() -> _Record:
+    return _split(write_zip({"evil.txt": b"seen only by some readers\n"})).records[0]
+
+
+def _overlapping_members(spec: SampleSpec) -> bytes:
+    # The stored recap PDF's data holds a whole member record; a second central entry points into it.
+    victim = _victim(spec)
+    members = build_members(spec)
+    evil = _evil_record()
+    members[victim] = bytes(evil.local) + members[victim]
+    package = _split(_package(members, spec, stored={victim}))
+    index = next(i for i, r in enumerate(package.records) if r.name == victim)
+    data = package.assemble()
+    # Point the extra entry at the record inside the PDF's data: a member overlapping another.
+    name_len, extra_len = struct.unpack_from("<HH", package.records[index].local, 26)
+    offset = sum(len(r.local) for r in package.records[:index]) + 30 + name_len + extra_len
+    central = bytearray(evil.central)
+    struct.pack_into("<I", central, 42, offset)
+    eocd = data.rindex(b"PK\x05\x06")
+    count, cd_size, cd_offset = struct.unpack_from("<HII", data, eocd + 10)
+    out = bytearray(data[:eocd]) + central
+    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count + 1, count + 1, cd_size + len(central), cd_offset, 0)
+    return bytes(out)
+
+
+def _hidden_gap(spec: SampleSpec) -> bytes:
+    # A whole member record between two members that the central directory skips: a streaming reader lists it.
+    package = _split(build_package(spec))
+    package.gaps[0] = bytes(_evil_record().local)
+    return package.assemble()
+
+
+def _central_offset_lie(spec: SampleSpec) -> bytes:
+    data = bytearray(build_package(spec))
+    eocd = data.rindex(b"PK\x05\x06")
+    (cd_offset,) = struct.unpack_from("<I", data, eocd + 16)
+    struct.pack_into("<I", data, eocd + 16, cd_offset - 100)
+    return bytes(data)
+
+
+def _local_name_mismatch(spec: SampleSpec) -> bytes:
+    # Same length, so every offset still holds: only the local header's name differs.
+    package = _split(build_package(spec))
+    record = package.record(_victim(spec))
+    name = record.name.encode()
+    fake = b"x" * (len(name) - 4) + b".exe"
+    record.local[30 : 30 + len(name)] = fake
+    return package.assemble()
+
+
+def _local_crc_mismatch(spec: SampleSpec) -> bytes:
+    package = _split(build_package(spec))
+    record = package.record(_victim(spec))
+    (crc,) = struct.unpack_from("<I", record.local, 14)
+    _set(record, local={14: crc ^ 0xFFFF})
+    return package.assemble()
+
+
+def _deflate_slack(spec: SampleSpec) -> bytes:
+    # Bytes after the deflate stream's end, inside the declared compressed size: zipfile never reads them.
+    package = _split(build_package(spec))
+    record = package.record(_victim(spec))
+    hidden = b"hidden after the deflate stream"
+    (csize,) = struct.unpack_from("<I", record.local, 18)
+    record.local += hidden
+    _set(record, both={"csize": csize + len(hidden)})
+    return package.assemble()
+
+
+def _unicode_path_extra(spec: SampleSpec) -> bytes:
+    return _with_extra(spec, 0x7075, _unicode_path_field(_victim(spec), "message.xml"))
+
+
+def _unicode_comment_extra(spec: SampleSpec) -> bytes:
+    return _with_extra(spec, 0x6375, _unicode_path_field(_victim(spec), "PK\x05\x06 comment"))
+
+
+def _case_collision(spec: SampleSpec) -> bytes:
+    members = build_members(spec)
+    victim = _victim(spec)
+    members[victim.upper()] = members[victim]
+    return _package(members, spec)
+
+
+def _unicode_collision(spec: SampleSpec) -> bytes:
+    members = build_members(spec)
+    members[unicodedata.normalize("NFC", "Pièce.pdf")] = pdf_bytes(["NFC"])
+    members[unicodedata.normalize("NFD", "Pièce.pdf")] = pdf_bytes(["NFD"])
+    return _package(members, spec)
+
+
+def _control_char_name(spec: SampleSpec) -> bytes:
+    members = build_members(spec)
+    members["notes\r\nX-Injected: yes.txt"] = b"a name with a line break\n"
+    return _package(members, spec)
+
+
+def _backslash_name(spec: SampleSpec) -> bytes:
+    members = build_members(spec)
+    members["pieces\\evil.txt"] = b"a folder on Windows, a plain name on Linux\n"
+    return _package(members, spec)
+
+
+def _undeclared_name_encoding(spec: SampleSpec) -> bytes:
+    # A non-ASCII name without the UTF-8 flag: cp437 for some readers, the locale's charset for others.
+    members = build_members(spec)
+    members["Pièce.pdf"] = pdf_bytes(["cp437 or latin-1"])
+    package = _split(_package(members, spec))
+    for record in package.records:
+        if not record.name.isascii():
+            for flags_at, part in ((6, record.local), (8, record.central)):
+                (flags,) = struct.unpack_from("<H", part, flags_at)
+                struct.pack_into("<H", part, flags_at, flags & ~0x800)
+    return package.assemble()
+
+
+def _summary_name_member(spec: SampleSpec) -> bytes:
+    # The recap PDF renamed, in message.xml too, to the file relayd writes in an extracted delivery.
+    members = build_members(spec)
+    victim = _victim(spec)
+    members["message.xml"] = members["message.xml"].replace(victim.encode(), b"relayd.json")
+    members["relayd.json"] = members.pop(victim)
+    return _package(members, spec)
+
+
+def _file_and_folder(spec: SampleSpec) -> bytes:
+    members = build_members(spec)
+    members["notes"] = b"a file\n"
+    members["notes/a.txt"] = b"that a folder of the same name needs\n"
+    return _package(members, spec)
+
+
+def _stored_data_descriptor(spec: SampleSpec) -> bytes:
+    # Stored, with its size only after its data: a streaming reader must guess where the data ends.
+    return build_streamed(spec, stored={_victim(spec)})
+
+
+def _descriptor_mismatch(spec: SampleSpec) -> bytes:
+    # The data descriptor after the recap PDF gives another CRC than the central directory.
+    data = bytearray(build_streamed(spec))
+    local, central = _zip_layout(bytes(data))[_victim(spec)]
+    (csize,) = struct.unpack_from("<I", data, central + 20)
+    descriptor = _data_start(data, local) + csize
+    if data[descriptor : descriptor + 4] != b"PK\x07\x08":
+        raise ValueError("a signed data descriptor was expected")
+    (crc,) = struct.unpack_from("<I", data, descriptor + 4)
+    struct.pack_into("<I", data, descriptor + 4, crc ^ 0xFFFF)
+    return bytes(data)
+
+
+def _file_marked_folder(spec: SampleSpec) -> bytes:
+    # Named as a file, but its Unix mode says folder: libarchive skips its data, zipfile extracts it.
+    members = build_members(spec)
+    victim = _victim(spec)
+    pairs: list[tuple[str | zipfile.ZipInfo, bytes]] = []
+    for name, data in members.items():
+        if name == victim:
+            info = zip_entry(name, spec.zip_date_time)
+            info.external_attr = (stat.S_IFDIR | 0o755) << 16
+            pairs.append((info, data))
+        else:
+            pairs.append((name, data))
+    return write_zip(pairs, date_time=spec.zip_date_time)
+
+
+def _member_in_pj_folder(spec: SampleSpec) -> bytes:
+    # A top-level member inside the folder that an extracted delivery unpacks the attachments zip into.
+    spec = _with_scans(spec)
+    members = build_members(spec)
+    members[pj_member_name(spec).removesuffix(".zip") + "/P5PA1_Justificatif_identite.pdf"] = pdf_bytes(["intrus"])
+    return _package(members, spec)
+
+
+def _pj_nested_zip(spec: SampleSpec) -> bytes:
+    # A bomb two levels deep: the attachments zip holds a zip that holds 20 MiB of zeros.
+    deep = write_zip({"P5PZ1_Scan_vierge.pdf": pdf_bytes(["Scan vierge"], padding=bytes(BOMB_BYTES))})
+    return _with_pj(spec, [*_scans(spec), ("P5PZ2_Archive.zip", deep)])
+
+
+def _pj_disguised_zip(spec: SampleSpec) -> bytes:
+    deep = write_zip({"P5PZ1_Scan_vierge.pdf": pdf_bytes(["Scan vierge"])})
+    return _with_pj(spec, [*_scans(spec), ("P5PZ2_Scan.pdf", deep)])
+
+
+def _pj_file_and_folder(spec: SampleSpec) -> bytes:
+    return _with_pj(spec, [*_scans(spec), ("a", b"a file\n"), ("a/b.pdf", pdf_bytes(["b"]))])
+
+
+def _pj_dot_member(spec: SampleSpec) -> bytes:
+    return _with_pj(spec, [*_scans(spec), (".", b"the folder itself\n")])
+
+
+def _pj_trailing_data(spec: SampleSpec) -> bytes:
+    return _with_pj(spec, write_zip(_scans(spec)) + b"junk after the inner end record")
+
+
+def _pj_unicode_path_extra(spec: SampleSpec) -> bytes:
+    scans = _scans(spec)
+    name, data = scans[0]
+    info = zip_entry(str(name), spec.zip_date_time)
+    payload = _unicode_path_field(str(name), "../../evil.pdf")
+    info.extra = struct.pack("<HH", 0x7075, len(payload)) + payload
+    return _with_pj(spec, [(info, data), *scans[1:]])
+
+
 def build_oversized(spec: SampleSpec, size: int = OVERSIZED_BYTES) -> bytes:
     """A valid package of about ``size`` bytes: a listed ``Annexe`` PDF padded with random data.
 
@@ -354,18 +743,21 @@ BROKEN_KINDS: dict[str, BrokenKind] = _kinds(
         Reason.PJ_ZIP_UNSAFE,
         "The nested attachments zip holds a 20 MiB run of zeros deflated about 1000:1.",
         _nested_bomb,
+        cause=Reason.ZIP_BOMB_RATIO,
     ),
     BrokenKind(
         "pj-zip-slip",
         Reason.PJ_ZIP_UNSAFE,
         "The nested attachments zip holds a member named '../../evil.txt'.",
         _pj_zip_slip,
+        cause=Reason.ZIP_PATH_TRAVERSAL,
     ),
     BrokenKind(
         "pj-not-a-zip",
         Reason.PJ_ZIP_UNSAFE,
         "The attachments member is random bytes, not a zip.",
         _pj_not_a_zip,
+        cause=Reason.ZIP_INVALID,
     ),
     BrokenKind("truncated", Reason.ZIP_INVALID, "A valid package cut in half.", _truncated),
     BrokenKind("not-a-zip", Reason.ZIP_INVALID, "Random bytes under a zip name.", _not_a_zip),
@@ -460,6 +852,71 @@ BROKEN_KINDS: dict[str, BrokenKind] = _kinds(
         "A valid package of about 3 MiB; the relay must be configured with a smaller maximum.",
         build_oversized,
     ),
+    # One canonical zip.
+    BrokenKind("prepended-package", Reason.ZIP_LEADING_DATA,
+               "Another package, with its own message.xml, placed in front; offsets count it (zip -A).",
+               _prepended_package),
+    BrokenKind("leading-junk", Reason.ZIP_LEADING_DATA,
+               "1 KiB of junk in front, offsets not adjusted (cat junk package.zip).", _leading_junk),
+    BrokenKind("trailing-data", Reason.ZIP_TRAILING_DATA, "HTML appended after the end record.", _trailing_data),
+    BrokenKind("comment-end-record", Reason.ZIP_MULTIPLE_END_RECORDS,
+               "The archive comment holds a second end record.", _comment_end_record),
+    BrokenKind("zip64-member", Reason.ZIP_ZIP64, "The recap PDF is written with zip64 extra fields.", _zip64_member),
+    BrokenKind("overlapping-members", Reason.ZIP_LAYOUT,
+               "A central entry points at a member record inside the stored recap PDF's data.",
+               _overlapping_members),
+    BrokenKind("hidden-gap", Reason.ZIP_LAYOUT,
+               "A member record that the central directory skips sits between two members.", _hidden_gap),
+    BrokenKind("central-offset-lie", Reason.ZIP_LAYOUT,
+               "The end record puts the central directory 100 bytes before where it is.", _central_offset_lie),
+    BrokenKind("local-name-mismatch", Reason.ZIP_HEADER_MISMATCH,
+               "The recap PDF's local header names it 'xxx...exe'.", _local_name_mismatch),
+    BrokenKind("local-crc-mismatch", Reason.ZIP_HEADER_MISMATCH,
+               "The recap PDF's local header has another CRC than its central entry.", _local_crc_mismatch),
+    BrokenKind("deflate-slack", Reason.ZIP_SIZE_MISMATCH,
+               "Bytes hidden after the recap PDF's deflate stream, inside its declared compressed size.",
+               _deflate_slack),
+    BrokenKind("unicode-path-extra", Reason.ZIP_EXTRA_FIELD,
+               "The recap PDF carries an Info-ZIP Unicode path field (0x7075) renaming it message.xml.",
+               _unicode_path_extra),
+    BrokenKind("unicode-comment-extra", Reason.ZIP_EXTRA_FIELD,
+               "The recap PDF carries an Info-ZIP Unicode comment field (0x6375).", _unicode_comment_extra),
+    BrokenKind("case-collision", Reason.ZIP_NAME_COLLISION,
+               "The recap PDF appears again under its name in capitals.", _case_collision),
+    BrokenKind("unicode-collision", Reason.ZIP_NAME_COLLISION,
+               "Members 'Pièce.pdf' in NFC and in NFD form.", _unicode_collision),
+    BrokenKind("control-char-name", Reason.ZIP_NAME_INVALID,
+               "A member name holds CR LF (a header injection).", _control_char_name),
+    BrokenKind("backslash-name", Reason.ZIP_NAME_INVALID, "A member named 'pieces\\evil.txt'.", _backslash_name),
+    BrokenKind("undeclared-name-encoding", Reason.ZIP_NAME_INVALID,
+               "A non-ASCII member name without the UTF-8 flag.", _undeclared_name_encoding),
+    BrokenKind("summary-name-member", Reason.EXTRACT_COLLISION,
+               "The recap PDF is listed and stored as 'relayd.json', the name relayd writes when it extracts.",
+               _summary_name_member),
+    BrokenKind("file-and-folder", Reason.EXTRACT_COLLISION,
+               "Members 'notes' and 'notes/a.txt': a file and a folder of one name.", _file_and_folder),
+    BrokenKind("stored-data-descriptor", Reason.ZIP_UNSUPPORTED,
+               "The recap PDF is stored with its CRC and sizes only after its data.", _stored_data_descriptor),
+    BrokenKind("descriptor-mismatch", Reason.ZIP_HEADER_MISMATCH,
+               "The recap PDF's data descriptor gives another CRC than its central entry.", _descriptor_mismatch),
+    BrokenKind("file-marked-folder", Reason.ZIP_ENTRY_TYPE,
+               "The recap PDF's Unix mode says folder while its name says file.", _file_marked_folder),
+    BrokenKind("member-in-pj-folder", Reason.EXTRACT_COLLISION,
+               "A top-level member inside the folder the attachments zip unpacks into.", _member_in_pj_folder),
+    BrokenKind("pj-nested-zip", Reason.PJ_ZIP_UNSAFE,
+               "The attachments zip holds a zip holding 20 MiB of zeros (a bomb two levels deep).",
+               _pj_nested_zip, cause=Reason.ZIP_NESTED_TOO_DEEP),
+    BrokenKind("pj-disguised-zip", Reason.PJ_ZIP_UNSAFE,
+               "The attachments zip holds a zip named .pdf.", _pj_disguised_zip, cause=Reason.ZIP_NESTED_TOO_DEEP),
+    BrokenKind("pj-file-and-folder", Reason.PJ_ZIP_UNSAFE,
+               "The attachments zip holds 'a' and 'a/b.pdf'.", _pj_file_and_folder, cause=Reason.EXTRACT_COLLISION),
+    BrokenKind("pj-dot-member", Reason.PJ_ZIP_UNSAFE,
+               "The attachments zip holds a member named '.'.", _pj_dot_member, cause=Reason.ZIP_NAME_INVALID),
+    BrokenKind("pj-trailing-data", Reason.PJ_ZIP_UNSAFE,
+               "The attachments zip has junk after its end record.", _pj_trailing_data, cause=Reason.ZIP_TRAILING_DATA),
+    BrokenKind("pj-unicode-path-extra", Reason.PJ_ZIP_UNSAFE,
+               "An attachment carries a Unicode path field (0x7075) renaming it '../../evil.pdf'.",
+               _pj_unicode_path_extra, cause=Reason.ZIP_EXTRA_FIELD),
 )
 
 

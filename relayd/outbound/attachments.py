@@ -1,0 +1,129 @@
+"""What a return attachment holds, checked with real parsers before it reaches the platform.
+
+A name and a magic number prove little: ``%PDF-`` followed by HTML is a web page that a
+browser will run. A PDF must open with ``pypdf`` and carry no JavaScript and no launch
+action; an image must decode whole with Pillow, in the format its name says.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import warnings
+
+from relayd.rejections import Reason, Rejection
+
+#: markers that make a browser take the bytes for a web page, whatever they start with
+_HTML_MARKERS = (b"<html", b"<!doctype", b"<head", b"<body", b"<script", b"<iframe", b"<svg", b"<meta")
+#: PDF names that run code or programs: JavaScript actions and name trees, launch actions, and the two
+#: containers that carry scripts of their own (XFA forms, rich media)
+_ACTIVE_NAMES = frozenset({"/JS", "/JavaScript", "/Launch", "/XFA", "/RichMedia", "/RichMediaExecute"})
+_RAW_ACTIVE_NAMES = _ACTIVE_NAMES - {"/JS", "/XFA"}
+#: a PDF name token in the raw bytes; ``#xx`` escapes are decoded before comparing
+_NAME_TOKEN = re.compile(rb"/[^\s/\[\]()<>{}%]+")
+_MAX_PDF_OBJECTS = 100_000
+#: an attachment is at most a few MB: more pixels than this is a decompression bomb
+MAX_IMAGE_PIXELS = 40_000_000
+_PNG_END = b"IEND\xaeB`\x82"
+#: what Pillow calls each accepted image type
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
+
+
+def check_content(name: str, ext: str, content: bytes) -> None:
+    """Refuse an attachment whose content does not parse as its type, or that carries active content."""
+    if ext == "pdf":
+        check_pdf(name, content)
+    elif ext in IMAGE_FORMATS:
+        check_image(name, content, IMAGE_FORMATS[ext])
+
+
+def check_pdf(name: str, content: bytes) -> None:
+    """A PDF that opens with pypdf, has pages, is not HTML behind a PDF header, and runs nothing."""
+    head = content[:1024].lower()
+    if any(marker in head for marker in _HTML_MARKERS) or b"<script" in content.lower():
+        raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} starts like a PDF but holds HTML.")
+    # Even objects no cross-reference reaches: a lenient viewer may rebuild the table and find them.
+    # Not /JS nor /XFA: a few bytes that random image data holds by chance; the object walk below finds them.
+    for token in _NAME_TOKEN.findall(content):
+        if _decode_name(token) in _RAW_ACTIVE_NAMES:
+            raise Rejection(Reason.ATTACHMENT_ACTIVE_CONTENT, f"{name!r} carries {_decode_name(token)}.")
+    from pypdf import PdfReader  # imported here: only return drops need it, and it is slow to import
+
+    # pypdf logs what it repairs; the refusal, if any, says what matters.
+    logging.getLogger("pypdf").setLevel(logging.CRITICAL)
+    try:
+        reader = PdfReader(io.BytesIO(content), strict=False)
+        if reader.is_encrypted:
+            raise Rejection(Reason.ATTACHMENT_UNREADABLE, f"{name!r} is an encrypted PDF, which cannot be checked.")
+        if len(reader.pages) < 1:
+            raise Rejection(Reason.ATTACHMENT_UNREADABLE, f"{name!r} is a PDF without pages.")
+        found = _active_content(reader)
+    except Rejection:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pypdf raises many kinds for a broken file
+        raise Rejection(Reason.ATTACHMENT_UNREADABLE, f"{name!r} does not open as a PDF ({type(exc).__name__}).") from None
+    if found:
+        raise Rejection(Reason.ATTACHMENT_ACTIVE_CONTENT, f"{name!r} carries {found}.")
+
+
+def _decode_name(token: bytes) -> str:
+    return re.sub(rb"#([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), token).decode("latin-1")
+
+
+def _active_content(reader) -> str | None:
+    """Walk every object reachable from the trailer (object streams included); name the first active one."""
+    from pypdf.generic import ArrayObject, DictionaryObject, IndirectObject
+
+    stack: list[object] = [reader.trailer]
+    seen: set[tuple[int, int]] = set()
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, IndirectObject):
+            key = (obj.idnum, obj.generation)
+            if key in seen:
+                continue
+            seen.add(key)
+            if len(seen) > _MAX_PDF_OBJECTS:
+                raise ValueError("too many objects")
+            obj = obj.get_object()
+        if isinstance(obj, DictionaryObject):
+            for key, value in obj.items():
+                if str(key) in _ACTIVE_NAMES:
+                    return str(key)
+                if str(key) == "/S" and str(value) in _ACTIVE_NAMES:
+                    return f"an action of type {value}"
+                if str(key) not in ("/Parent", "/P"):  # back links: reached from above anyway
+                    stack.append(value)
+        elif isinstance(obj, ArrayObject):
+            stack.extend(obj)
+    return None
+
+
+def check_image(name: str, content: bytes, expected: str) -> None:
+    """An image that Pillow decodes whole, in the format its name says, of a sane pixel count."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(content)) as image:
+                found = image.format
+                width, height = image.size
+                if found != expected:
+                    raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} is named as {expected} but is {found}.")
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise Rejection(Reason.ATTACHMENT_UNREADABLE,
+                                    f"{name!r} has {width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS}.")
+                image.verify()
+            # verify() checks the structure only; decoding every pixel finds a truncated or corrupt body.
+            with Image.open(io.BytesIO(content)) as image:
+                image.load()
+        if expected == "PNG" and not content.endswith(_PNG_END):
+            # Bytes after the last chunk are no image: a second file (HTML, a zip) riding along.
+            raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} has data after the end of its PNG image.")
+    except Rejection:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError... for broken files
+        raise Rejection(Reason.ATTACHMENT_UNREADABLE,
+                        f"{name!r} does not decode as {expected} ({type(exc).__name__}).") from None

@@ -1,0 +1,89 @@
+"""Return drops against a real relayd and a real sshd: links and fake attachments never reach the platform.
+
+A hard link or a symbolic link in the return directory could make relayd send a file of the
+attacker's choosing, and a refused one used to have its target's mode changed. The file
+outside must stay exactly as it was: content, mode, owner.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conftest import wait_for
+from platform_sshd import platform_sshd_fixture  # noqa: F401 - registers the fixture
+from relayd.pec.status import StatusAttachment, StatusFile, write_status_file
+from relayd.testkit.samples import pdf_bytes, png_bytes
+from test_return_path import drop, linked, one_dossier, platform, published, wait_received  # noqa: F401 - fixtures
+
+PDF = pdf_bytes(["Attestation de recensement"])
+HTML_PDF = b"%PDF-1.7\n<html><body><script>document.location='https://evil.example/'</script></body></html>\n"
+JS_PDF = PDF.replace(b"<< /Type /Catalog /Pages 2 0 R >>",
+                     b"<< /Type /Catalog /Pages 2 0 R /OpenAction << /S /JavaScript /JS (app.alert(1)) >> >>")
+
+
+def _status(numero: str, *files: str) -> bytes:
+    return write_status_file(StatusFile(numero=numero, state="recu", attachments=[StatusAttachment(file=f) for f in files]))
+
+
+def _state(path: Path) -> tuple:
+    st = path.stat()
+    return path.read_bytes(), oct(st.st_mode), st.st_uid, st.st_gid
+
+
+def _place(folder: Path, name: str, make) -> None:
+    # Made under a hidden name, then renamed in, as the drop contract asks (a rename keeps the link a link).
+    tmp = folder / f".{name}.tmp"
+    make(tmp)
+    tmp.rename(folder / name)
+
+
+def test_links_and_fake_attachments_are_refused_and_good_ones_reach_the_platform(linked, tmp_path):
+    relay, platform, spec = one_dossier(linked, tmp_path, seed=77)
+    folder = relay.returns()
+    outside_pdf = tmp_path / "outside" / "private.pdf"
+    outside_pdf.parent.mkdir()
+    outside_pdf.write_bytes(pdf_bytes(["private"]))
+    outside_status = tmp_path / "outside" / "status.xml"
+    outside_status.write_bytes(_status(spec.numero))
+    for outside in (outside_pdf, outside_status):
+        outside.chmod(0o604)
+    before = {p: _state(p) for p in (outside_pdf, outside_status)}
+
+    def refused(count: int) -> list[str]:
+        wait_for(lambda: len(relay.rejected()) >= count, what=f"{count} refusals")
+        return [r["code"] for r in relay.rejected()]
+
+    _place(folder, "attestation.pdf", lambda p: p.hardlink_to(outside_pdf))
+    drop(relay, spec.numero, "recu", raw=_status(spec.numero, "attestation.pdf"), name="hardlinked-attachment.xml")
+    refused(1)
+    _place(folder, "hardlinked-status.xml", lambda p: p.hardlink_to(outside_status))
+    refused(2)
+    _place(folder, "symlinked-status.xml", lambda p: p.symlink_to(outside_status))
+    refused(3)
+    _place(folder, "linked.pdf", lambda p: p.symlink_to(outside_pdf))
+    drop(relay, spec.numero, "recu", raw=_status(spec.numero, "linked.pdf"), name="symlinked-attachment.xml")
+    refused(4)
+    drop(relay, spec.numero, "recu", attachments={"fake.pdf": HTML_PDF}, name="fake-pdf.xml")
+    refused(5)
+    drop(relay, spec.numero, "recu", attachments={"script.pdf": JS_PDF}, name="javascript.xml")
+    refused(6)
+    drop(relay, spec.numero, "recu", attachments={"scan.png": png_bytes()[:-20]}, name="broken-png.xml")
+    codes = refused(7)
+
+    assert sorted(codes) == sorted(["drop_hard_link", "drop_hard_link", "drop_not_regular", "drop_not_regular",
+                                    "attachment_type", "attachment_active_content", "attachment_unreadable"])
+    by_drop = {r["drop"]: r["code"] for r in relay.rejected()}
+    assert by_drop["hardlinked-attachment.xml"] == "drop_hard_link"
+    assert by_drop["symlinked-status.xml"] == "drop_not_regular"
+    assert by_drop["fake-pdf.xml"] == "attachment_type"
+    # The files outside are exactly as they were, and nothing went to the platform but the AVL.
+    assert {p: _state(p) for p in before} == before
+    assert len(published(platform)) == 1
+    assert [name for name in os.listdir(folder)] == []
+
+    # The good case still goes through: a real PDF and a real PNG reach the platform as they were.
+    drop(relay, spec.numero, "recu", attachments={"attestation.pdf": PDF, "scan.png": png_bytes()})
+    replies = wait_received(platform, 2)
+    assert [r.kind for r in replies] == ["AVL", "Retour"]
+    assert sorted(replies[1].members.values()) == sorted([PDF, png_bytes()])
