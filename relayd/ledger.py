@@ -244,9 +244,8 @@ class Ledger:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
+                for statement in _statements(_SCHEMA):
+                    self._db.execute(statement)
                 for table, columns in _MIGRATIONS.items():
                     have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
                     for name, decl in columns.items():
@@ -386,3 +385,15 @@ def _unusable(path: Path, exc: sqlite3.Error) -> LedgerUnusable:
     return LedgerUnusable(
         f"the ledger {path} is corrupt ({first[:200]}); relayd will not start on it. "
         f"Move it aside and run `relayd ledger rebuild -c <config>`, or restore a backup (`relayd ledger backup`)")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The SQL statements of ``script``, one by one; a ``;`` inside a comment or a string does not end one."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        yield pending
