@@ -1,7 +1,7 @@
 """relayd's YAML configuration, validated by pydantic.
 
-A configuration error names the key path and the file, e.g.
-``relayd.yaml: accounts.0.password_hash: ...``. Secrets never sit in the file in clear:
+A configuration error names the file, the key path (counting list entries from 1) and the line, e.g.
+``relayd.yaml: accounts[1].password_hash (line 9): ...`` (see :mod:`relayd.config_source`). Secrets never sit in the file in clear:
 an account has a password *hash*, or names a file or a systemd credential that holds one.
 Relative paths are resolved against the configuration file's folder.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 import asyncssh
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from relayd.config_source import Source, SourceError, explain, leading_loc, read_source
 from relayd.inbound.passwords import hash_password, is_password_hash
 from relayd.pec.envelope import DEFAULT_NUMERO_REGEX, NUMERO_PATTERN
 from relayd.pec.zipcheck import PackageLimits
@@ -466,7 +466,8 @@ class Retention(_Strict):
 
 
 class Logging(_Strict):
-    format: Literal["auto", "json", "console"] = "auto"
+    format: Literal["auto", "journal", "json", "console"] = Field(
+        default="auto", description="auto: console on a terminal, the journal's form (priority prefixes) otherwise")
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -591,11 +592,11 @@ class Config(_Strict):
             raise ValueError("communes: two communes share a return directory; each needs its own")
         for i, commune in enumerate(self.communes):
             if commune.returns is not None and commune.returns in (commune.inbox, commune.rejected_dir):
-                raise ValueError(f"communes.{i}.returns: must differ from the inbox and from the rejected folder")
+                raise ValueError(f"communes[{i + 1}].returns: must differ from the inbox and from the rejected folder")
         for i, account in enumerate(self.accounts):
             for code in account.communes:
                 if code not in codes:
-                    raise ValueError(f"accounts.{i}.communes: {code} is not a configured commune")
+                    raise ValueError(f"accounts[{i + 1}].communes: {code} is not a configured commune")
         return self
 
     def commune(self, insee: str) -> Commune | None:
@@ -624,31 +625,36 @@ def _check_addresses(values: list[str]) -> list[str]:
 
 def load_config(path: str | Path) -> Config:
     """Read, validate and resolve a configuration file. Raises :class:`ConfigError`."""
+    return load_config_source(path)[0]
+
+
+def load_config_source(path: str | Path) -> tuple[Config, Source]:
+    """:func:`load_config`, also giving the file as written (lines, duplicated keys) for ``check-config``."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        source = read_source(path)
+    except SourceError as exc:
+        raise ConfigError(str(exc)) from None
+    raw = source.data
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping of settings (storage:, accounts:, communes:...)")
     _resolve_paths(raw, path.resolve().parent)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_url=False, include_input=False):
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["loc"]:
-                lines.append(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {msg}")
+            message = explain(err, Config)
+            loc = tuple(err["loc"]) or leading_loc(message)
+            if err["loc"] or loc is None:
+                lines.append(f"{source.where(tuple(err['loc']))}: {message}")
             else:
-                # Cross-checks of the whole file name their key path at the start of the message.
-                lines.append(f"{path}: {msg}")
+                # A cross-check of the whole file names its key path at the start of the message.
+                lines.append(f"{source.where(loc)}: {message.split(': ', 1)[1]}")
         raise ConfigError("\n".join(lines)) from None
     # Every reader and writer of dossier numbers in this process follows the loaded rule.
     NUMERO_PATTERN.use(config.validation.dossier_number)
-    return config
+    return config, source
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:

@@ -1,7 +1,9 @@
 """``relayd demo``: a self-contained relay on loopback, for a first look and for tests.
 
 It writes a configuration, a platform account (generated password *and* key pair) and
-communes under one folder, then describes it all in ``demo.json``. A second run in the
+communes under one folder, then describes it all in ``demo.json``, with a ``known_hosts`` file
+that pins the relay's host key for ``sftp -o UserKnownHostsFile=demo/known_hosts`` (so that a
+demo never writes to, or clashes with, ``~/.ssh/known_hosts``). A second run in the
 same folder reuses what is there, so the credentials stay stable. The platform's return
 server is played by :class:`relayd.testkit.platform.ReturnServer`, in the same process:
 acks and returns land in ``platform/received/``.
@@ -21,6 +23,8 @@ import yaml
 from relayd.inbound.passwords import hash_password
 
 DEMO_ACCOUNT = "plateforme"
+#: the simulated platform's return server, unless ``--port 0`` asks for free ports everywhere
+DEMO_PLATFORM_PORT = 2223
 DEMO_COMMUNES = [
     {"insee": "90017", "name": "Commune de démonstration (Territoire de Belfort)",
      "demarches": ["DAUA", "ILE", "recensementCitoyen", "depotDossierPACS", "certificat-non-pacs", "EtatCivil",
@@ -75,6 +79,8 @@ def build_demo(folder: Path, *, port: int = 2222, platform: dict[str, Any] | Non
                       "rejected": f"rejected/{c['insee']}"} for c in DEMO_COMMUNES],
         # A demo shows returns within a second or two, not after a production-sized settle.
         "returns": {"settle_seconds": 1, "rescan_seconds": 5},
+        # The walkthrough connects from 127.0.0.1: a few mistyped passwords must not lock the reader out.
+        "defender": {"allowlist": ["127.0.0.1/32"]},
         "logging": {"format": "auto", "level": "info"},
     }
     if platform is not None:
@@ -84,6 +90,8 @@ def build_demo(folder: Path, *, port: int = 2222, platform: dict[str, Any] | Non
                            + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return {
         "config": str(config_path),
+        # For `testkit platform --demo`: which broken kinds this relay can refuse (see testkit.broken's oversized).
+        "limits": {"max_package_bytes": config["limits"]["max_package_bytes"]},
         "sftp": {"host": "127.0.0.1", "port": port, "username": DEMO_ACCOUNT, "password": password,
                  "private_key": str(key_path)},
         "communes": {c["insee"]: {"inbox": str(folder / "inbox" / c["insee"]), "name": c["name"],
@@ -101,6 +109,20 @@ def write_demo_json(folder: Path, info: dict[str, Any], port: int, platform: dic
         info["platform"] = platform
     path = folder.resolve() / "demo.json"
     _write_private(path, json.dumps(info, indent=2, ensure_ascii=False).encode())
+    return path
+
+
+def write_known_hosts(folder: Path, port: int, host_keys: list[Path]) -> Path:
+    """``known_hosts`` naming the relay's host keys at ``[127.0.0.1]:port``, for OpenSSH's UserKnownHostsFile."""
+    host = "127.0.0.1" if port == 22 else f"[127.0.0.1]:{port}"
+    lines = []
+    for key in host_keys:
+        public = asyncssh.read_private_key(key).export_public_key().decode().split()
+        lines.append(f"{host} {public[0]} {public[1]}\n")
+    path = folder.resolve() / "known_hosts"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
     return path
 
 

@@ -38,16 +38,37 @@ def _minimal(tmp_path: Path) -> dict:
     }
 
 
-def test_example_config_is_valid(tmp_path):
-    # The example names a key file under /etc/relayd; check-config reads it, so give it a real one.
+def _example_filled_in(tmp_path: Path) -> str:
+    """The example with its placeholders replaced, as an administrator would, and its files made real."""
     from conftest import write_key_pair
 
     key = write_key_pair(tmp_path, "platform_ed25519")
     text = (REPO / "config" / "relayd.example.yaml").read_text().replace("/etc/relayd/platform_ed25519", str(key))
     (tmp_path / "smtp.password").write_text("not a real password\n")
     text = text.replace("/etc/relayd/smtp.password", str(tmp_path / "smtp.password"))
+    text = text.replace('"scrypt$14$8$1$REPLACE_WITH_SALT$REPLACE_WITH_HASH"', f'"{hash_password("x")}"')
+    text = text.replace("example-replace-me", "platform-2026")
+    text = text.replace("retour.example.invalid", "127.0.0.1").replace("smtp.example.invalid", "127.0.0.1")
+    text = text.replace("SHA256:REPLACEwithTHEplatformsHOSTkeyFINGERPRINT00", "SHA256:" + "A" * 43)
+    for folder in ("/var/lib/relayd", "/srv/relayd"):
+        text = text.replace(folder, str(tmp_path / folder.strip("/").replace("/", "-")))
+    return text
+
+
+def test_the_unchanged_example_is_refused_with_each_placeholder_named(tmp_path):
     path = tmp_path / "relayd.yaml"
-    path.write_text(text)
+    path.write_text((REPO / "config" / "relayd.example.yaml").read_text())
+    result = _check(path)
+    assert result.returncode == 2
+    for placeholder in ("accounts[1].password_hash (line", "'REPLACE_WITH'", "'example-replace-me'",
+                        "platform.host (line", "'example.invalid'", "platform.host_key_fingerprints[1]", "mail.host"):
+        assert placeholder in result.stderr, result.stderr
+    assert "OK" not in result.stdout
+
+
+def test_example_config_is_valid_once_filled_in(tmp_path):
+    path = tmp_path / "relayd.yaml"
+    path.write_text(_example_filled_in(tmp_path))
     result = _check(path)
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout and "return server configured" in result.stdout
@@ -77,7 +98,7 @@ _PLATFORM = {"host": "127.0.0.1", "username": "c", "private_key": "k", "host_key
         (lambda c: c["communes"].append({"insee": "75056", "name": "Y", "inbox": "inbox2", "demarches": ["ILE"],
                                          "returns": "same"}) or c["communes"][0].update(returns="same"),
          "share a return directory"),
-        (lambda c: c["communes"][0].update(returns="inbox"), "communes.0.returns"),
+        (lambda c: c["communes"][0].update(returns="inbox"), "communes[1].returns"),
     ],
 )
 def test_return_path_settings_are_checked(tmp_path, edit, message):
@@ -89,12 +110,12 @@ def test_return_path_settings_are_checked(tmp_path, edit, message):
 @pytest.mark.parametrize(
     ("edit", "key_path"),
     [
-        (lambda c: c["communes"][0].update(insee="9001"), "communes.0.insee"),
-        (lambda c: c["communes"][0].update(delivery="tar"), "communes.0.delivery"),
-        (lambda c: c["accounts"][0].update(password="hunter2"), "accounts.0.password"),
-        (lambda c: c["accounts"][0].update(password_hash="hunter2"), "accounts.0.password_hash"),
+        (lambda c: c["communes"][0].update(insee="9001"), "communes[1].insee"),
+        (lambda c: c["communes"][0].update(delivery="tar"), "communes[1].delivery"),
+        (lambda c: c["accounts"][0].update(password="hunter2"), "accounts[1].password"),
+        (lambda c: c["accounts"][0].update(password_hash="hunter2"), "accounts[1].password_hash"),
         (lambda c: c.setdefault("limits", {}).update(max_members=-1), "limits.max_members"),
-        (lambda c: c["accounts"][0].update(authorized_keys=["ssh-ed25519 garbage"]), "accounts.0.authorized_keys"),
+        (lambda c: c["accounts"][0].update(authorized_keys=["ssh-ed25519 garbage"]), "accounts[1].authorized_keys"),
         (lambda c: c.setdefault("server", {}).setdefault("listen", {}).update(port=70000), "server.listen.port"),
         (lambda c: c["accounts"][0].update(communes=["75056"]), "accounts"),
     ],
@@ -211,5 +232,6 @@ def test_check_config_as_the_service_user_names_a_folder_it_cannot_write(shared_
     result = subprocess.run([*as_nobody, sys.executable, "-m", "relayd", "check-config", "-c", str(path)],
                             capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"server.host_keys: relayd cannot write in {tmp_path / 'etc' / 'host_keys'}" in result.stderr
+    assert "server.host_keys[1] (line " in result.stderr
+    assert f"relayd cannot write in {tmp_path / 'etc' / 'host_keys'}" in result.stderr
     assert "storage.root" not in result.stderr

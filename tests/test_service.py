@@ -241,7 +241,7 @@ def test_sighup_with_a_broken_config_keeps_the_running_one(make_relay, tmp_path:
     relay.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: any(e.get("event") == "reload.refused" for e in relay.events()), what="reload.refused")
     refused = next(e for e in relay.events() if e.get("event") == "reload.refused")
-    assert "accounts.0.username" in refused["error"]
+    assert "accounts[1].username" in refused["error"]
     # Still serving, under the configuration it had.
     assert relay.proc.poll() is None
     assert sftp_batch(relay, [f'put "{REAL_PACKAGE}" "{REAL_PACKAGE.name}"']).returncode == 0

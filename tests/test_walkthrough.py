@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,7 +33,11 @@ def test_the_walkthrough_works_as_written(demo, tmp_path):
         (root / name).write_text(content, encoding="utf-8")
     # Word for word, but with three times the reader's patience: CI machines can be slow.
     script = "set -euo pipefail\n" + re.sub(r"sleep (\d+)", lambda m: f"sleep {3 * int(m[1])}", "\n".join(steps[1:]))
-    result = subprocess.run(["bash", "-c", script], cwd=root, capture_output=True, text=True, timeout=180)
+    # An empty HOME: the demo's own known_hosts is all OpenSSH needs, and ~/.ssh is never written.
+    home = tmp_path / "home"
+    home.mkdir()
+    result = subprocess.run(["bash", "-c", script], cwd=root, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "HOME": str(home)}, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "A-9-K7Q2M4XT-recensementCitoyen.zip" in out                                  # step 3: in the inbox
@@ -40,3 +45,4 @@ def test_the_walkthrough_works_as_written(demo, tmp_path):
     assert '<Etat code="recu">Dossier reçu par le service traitant</Etat>' in out   # step 4
     assert "A-9-K7Q2M4XT-recensementCitoyen-retour-1-attestation.pdf" in out             # step 5
     assert '"code": "transition_invalid"' in out                          # step 6
+    assert not (home / ".ssh").exists()

@@ -92,11 +92,13 @@ def outbox_list(config: Config, *, everything: bool = False, as_json: bool = Fal
     if not entries:
         print("the outbox is empty" if not everything else "no entries")
         return 0
-    print(f"{'id':>5}  {'status':9} {'kind':7} {'state':5} {'numero':13} {'tries':>5}  {'next try (UTC)':19}  last error")
+    print(f"{'id':>5}  {'status':9} {'kind':7} {'state':5} {'numero':13} {'tries':>5}  {'queued (UTC)':19}  "
+          f"{'next try / delivered':20}  last error")
     # A dossier's entries leave in order: say which ones wait behind another, and which.
     blocker: dict[str, int] = {}
     for e in entries:
-        next_try = datetime.fromtimestamp(e.next_attempt_at, UTC).strftime("%Y-%m-%d %H:%M:%S") if e.status == "pending" else "-"
+        next_try = datetime.fromtimestamp(e.next_attempt_at, UTC).strftime("%Y-%m-%d %H:%M:%S") if e.status == "pending" \
+            else _utc(e.delivered_at) if e.delivered_at else "-"
         error = f"{e.last_error_code}: {e.last_error}" if e.last_error_code else ""
         if e.status in ("pending", "dead"):
             if e.queue_key in blocker:
@@ -104,8 +106,16 @@ def outbox_list(config: Config, *, everything: bool = False, as_json: bool = Fal
             else:
                 blocker[e.queue_key] = e.id
         print(f"{e.id:>5}  {e.status:9} {e.kind:7} {e.target_state or '-':5} {e.numero or '-':13} {e.attempts:>5}  "
-              f"{next_try:19}  {error}")
+              f"{_utc(e.created_at):19}  {next_try:20}  {error}")
     return 0
+
+
+def _utc(stamp: str) -> str:
+    """A ledger time (ISO 8601, UTC) as ``YYYY-MM-DD HH:MM:SS``."""
+    try:
+        return datetime.fromisoformat(stamp).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return stamp
 
 
 def outbox_retry(config: Config, ids: list[int], *, dead: bool = False) -> int:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import posixpath
+import socket
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -439,6 +440,9 @@ def _reason(exc: BaseException) -> str:
     """A short text for an exception: asyncssh's reason, an OS error's strerror, or str()."""
     if isinstance(exc, asyncssh.DisconnectError | asyncssh.ChannelOpenError):
         return exc.reason
+    if isinstance(exc, socket.gaierror):
+        # Its errno is getaddrinfo's (-2), which os.strerror would call "Unknown error -2".
+        return f"its name does not resolve ({exc.strerror})"
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)  # "Connection refused", rather than asyncio's "Connect call failed (...)"
     if isinstance(exc, OSError) and exc.strerror:

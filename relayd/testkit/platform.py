@@ -464,6 +464,7 @@ def run(args: argparse.Namespace) -> int:
         target["received"] = server.received
     started = time.time() - 1  # file times have a coarse grain on some file systems
     broken = sorted(BROKEN_KINDS) if "all" in args.broken else args.broken
+    broken = _feasible(broken, target.get("max_package_bytes"), explicit="all" not in args.broken)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     work = Path(target["work"])
     plan = generate(work / f"sent-{int(started)}-{seed}", count=args.count, demarches=args.demarche.split(","),
@@ -499,6 +500,18 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _feasible(broken: list[str], max_package_bytes: int | None, *, explicit: bool) -> list[str]:
+    """Say (and, for ``all``, leave out) ``oversized`` when the relay's size limit accepts it anyway."""
+    from relayd.testkit.broken import OVERSIZED_BYTES
+
+    if "oversized" not in broken or max_package_bytes is None or max_package_bytes < OVERSIZED_BYTES:
+        return broken
+    print(f"relayd testkit platform: the relay accepts packages up to {max_package_bytes} bytes, so 'oversized' "
+          f"({OVERSIZED_BYTES} bytes) is not refused; set limits.max_package_bytes below that to test it"
+          f"{'' if explicit else ' (left out of --broken all)'}", file=sys.stderr)
+    return broken if explicit else [b for b in broken if b != "oversized"]
+
+
 def _target(args: argparse.Namespace) -> dict[str, Any]:
     """Where to push and where replies land, from --demo and the flags (flags win)."""
     target: dict[str, Any] = {"host": None, "port": None, "user": None, "key": None, "password": None,
@@ -510,6 +523,7 @@ def _target(args: argparse.Namespace) -> dict[str, Any]:
                       received=info.get("platform", {}).get("received"), insees=list(info["communes"]),
                       work=args.demo / "platform")
         target["auto_receipt"] = {code for code, c in info["communes"].items() if c.get("auto_receipt")}
+        target["max_package_bytes"] = info.get("limits", {}).get("max_package_bytes")
     if args.relay:
         host, _, port = args.relay.rpartition(":")
         target.update(host=host or "127.0.0.1", port=int(port))
