@@ -255,21 +255,24 @@ def audit(c: Campaign, arrivals: Arrivals) -> dict[str, Any]:
     published = sorted((n for n in names if not n.endswith(".part")),
                        key=lambda n: (order.get(n, len(order)), (c.platform.incoming / n).stat().st_mtime_ns))
     per_dossier: dict[str, list[str]] = defaultdict(list)
-    message_ids: Counter[str] = Counter()
+    # Replies may keep the answered MessageId (platform.reply_style: mirror), so a reply's identity is its
+    # dossier and what it says; a package is acked once per time it was received (a resend is acked again).
+    received = Counter(r["numero"] for r in c.relay.ledger_rows(
+        "SELECT numero FROM packages WHERE outcome IN ('accepted', 'duplicate')"))
     anl = 0
     for name in published:
         reply = read_reply((c.platform.incoming / name).read_bytes())
-        message_ids[reply.message_id] += 1
         if reply.kind == "ANL":
             anl += 1
         body = reply.retour if reply.retour is not None else reply.ack
         numero = body.numero if body is not None else None
         per_dossier[numero or "?"].append(reply.retour.state if reply.retour is not None else reply.kind)
 
-    missing_acks = missing_returns = duplicate_returns = order_violations = 0
+    missing_acks = duplicate_acks = missing_returns = duplicate_returns = order_violations = 0
     for numero in c.confirmed:
         seen = per_dossier.get(numero, [])
         missing_acks += "AVL" not in seen
+        duplicate_acks += max(0, seen.count("AVL") - received[numero])
         for state in ("recu", "clos"):
             n = seen.count(state)
             missing_returns += n == 0
@@ -291,9 +294,10 @@ def audit(c: Campaign, arrivals: Arrivals) -> dict[str, Any]:
         "partials": len([s for s in inbox_shas if s not in c.pushed]) + len(parts),
         "ledger_vs_inbox": len(accepted ^ set(inbox_shas)),
         "acks_missing": missing_acks,
+        "acks_duplicated": duplicate_acks,
         "anl": anl,
         "returns_missing": missing_returns,
-        "returns_duplicated": duplicate_returns + sum(n - 1 for n in message_ids.values() if n > 1),
+        "returns_duplicated": duplicate_returns,
         "order_violations": order_violations,
         "undelivered": len([r for r in rows if r["status"] != "delivered"]),
     }
@@ -301,7 +305,7 @@ def audit(c: Campaign, arrivals: Arrivals) -> dict[str, Any]:
 
 #: the counts that must all be zero
 FAULTS = ("lost", "duplicated_in_inbox", "partials", "ledger_vs_inbox", "acks_missing", "anl", "returns_missing",
-          "returns_duplicated", "order_violations", "undelivered")
+          "returns_duplicated", "acks_duplicated", "order_violations", "undelivered")
 
 
 def run(seed: int, kills: int, packages: int, max_seconds: float, work: Path,

@@ -11,7 +11,7 @@ from platform_sshd import SSHD
 
 #: what bench/crash.py audits, each of which must be 0
 FAULTS = ("lost", "duplicated_in_inbox", "partials", "ledger_vs_inbox", "acks_missing", "anl", "returns_missing",
-          "returns_duplicated", "order_violations", "undelivered")
+          "returns_duplicated", "acks_duplicated", "order_violations", "undelivered")
 
 
 def test_a_short_crash_campaign_loses_duplicates_and_reorders_nothing(tmp_path):

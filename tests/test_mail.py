@@ -235,17 +235,22 @@ def unreachable_platform(relay: Any, **overrides: Any) -> None:
 def test_dead_letter_alerts_the_administrator(make_relay, smtp_server):
     sink = smtp_server()
     relay = mail_relay(make_relay, sink.port, start=False)
-    unreachable_platform(relay)
+    # No AVL (platform.acks: none), so that the dossier's first entry is its Retour: an ack is kept in the
+    # ledger with its bytes and its file written again when missing, a Retour's file is the only copy.
+    unreachable_platform(relay, acks="none")
     relay.start()
     assert sftp_put(relay, REAL_PACKAGE, REAL_PACKAGE.name).returncode == 0
-    # The outage alone never dead-letters; an ack whose file is gone does, at once (nothing could be sent).
-    wait_for(lambda: relay.outbox(), what="the ack queued")
+    wait_for(lambda: relay.ledger_rows("SELECT 1 FROM packages"), what="the package recorded")
+    dropped = relay.cli("return", "A-9-X3UGO4V7", "--state", "recu")
+    assert dropped.returncode == 0, dropped.stderr
+    # The outage alone never dead-letters; a Retour whose file is gone does, at once (nothing could be sent).
+    wait_for(lambda: relay.outbox(), what="the Retour queued")
     Path(relay.outbox()[0]["payload"]).unlink()
     wait_for(lambda: sink.to(ADMIN), what="the dead-letter alert")
     alert = sink.to(ADMIN)[0]
     dead = relay.outbox()[0]
-    assert dead["status"] == "dead"
-    assert "Envoi abandonné" in alert.subject and "AVL" in alert.subject and "A-9-X3UGO4V7" in alert.subject
+    assert dead["status"] == "dead" and dead["kind"] == "Retour"
+    assert "Envoi abandonné" in alert.subject and "Retour" in alert.subject and "A-9-X3UGO4V7" in alert.subject
     assert f"relayd outbox retry -c <fichier de configuration> {dead['id']}" in alert.body
     assert dead["last_error_code"] == "payload_missing" and dead["last_error_code"] in alert.body
     assert "attendent derrière lui" in alert.body  # the dossier's later entries wait: the way out is named
@@ -566,7 +571,7 @@ def test_digest_time_must_be_quoted(tmp_path):
     path = tmp_path / "relayd.yaml"
     # Unquoted, YAML reads 18:30 as the number 1110: refused, rather than a digest at 00:18.
     path.write_text(yaml.safe_dump(raw).replace("DIGEST", "18:30"))
-    with pytest.raises(ConfigError, match=r"mail\.digest_at: .*quotes"):
+    with pytest.raises(ConfigError, match=r"mail\.digest_at \(line \d+\): .*quotes"):
         load_config(path)
     path.write_text(yaml.safe_dump(raw).replace("DIGEST", '"18:30"'))
     assert load_config(path).mail.digest_at == time(18, 30)

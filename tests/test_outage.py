@@ -77,7 +77,9 @@ def test_a_long_outage_keeps_every_entry_pending_then_delivers_all_in_order(make
     landed = sorted(platform.incoming.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
     assert not [p for p in landed if p.name.endswith(".part")]
     replies = [read_reply(p.read_bytes()) for p in landed]
-    assert len(replies) == 12 and len({r.message_id for r in replies}) == 12
+    # Replies keep the answered MessageId (reply_style: mirror): each is told apart by its dossier and what it says.
+    said = {((r.ack or r.retour).numero, r.kind, r.retour.state if r.retour else None) for r in replies}
+    assert len(replies) == 12 and len(said) == 12
     # Order per dossier, as the ledger recorded each delivery (one at a time, so ids of delivery = order).
     delivered = relay.ledger_rows("SELECT numero, kind, target_state FROM outbox ORDER BY delivered_at, id")
     for numero in numeros:
