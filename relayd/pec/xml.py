@@ -114,6 +114,10 @@ _PLAIN_XSD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.xsd")
 # A compiled XMLSchema keeps its error log on itself, so two threads validating with one object
 # would read each other's errors: each thread compiles and keeps its own.
 _compiled = threading.local()
+# libxml2 sets up its built-in schema types lazily and without a lock: two threads compiling their first
+# XSD at once get "the given type 'anyURI' is not a built-in type". Compiling is rare (once per thread
+# and schema), so it is done one at a time; validating with a compiled schema needs no lock.
+_compiling = threading.Lock()
 
 
 def load_schema(name: str) -> etree.XMLSchema:
@@ -132,7 +136,8 @@ def load_schema(name: str) -> etree.XMLSchema:
     if schema is None:
         path = _schema_path(key)
         _check_schema_locations(path, seen=set())
-        schema = cache[key] = etree.XMLSchema(_parse_schema_file(path))
+        with _compiling:
+            schema = cache[key] = etree.XMLSchema(_parse_schema_file(path))
     return schema
 
 
