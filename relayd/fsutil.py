@@ -107,22 +107,14 @@ def _clone_or_copy(src: Path, dest: Path) -> None:
             os.close(fd)
 
 
-def copy_independent(src: Path, dest: Path) -> None:
-    """Make ``dest`` durably hold a copy of ``src`` that shares nothing with it (unlike a hard link).
-
-    What the business software does to ``src``'s inode later (edit it in place, truncate it)
-    never reaches ``dest``. Costs nothing on a file system with reflinks (XFS, Btrfs), a
-    kernel-side copy elsewhere.
-    """
+def clone_or_copy(src: Path, dest: Path) -> None:
+    """Write a new file ``dest`` (which must not exist) with ``src``'s content on an inode of its own, fsynced."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / temp_name(dest.name)
     try:
-        _clone_or_copy(src, tmp)
-        os.replace(tmp, dest)
+        _clone_or_copy(src, dest)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        dest.unlink(missing_ok=True)
         raise
-    fsync_dir(dest.parent)
 
 
 def publish_file(src: Path, dest: Path, *, mode: int = 0o600, gid: int = -1, move: bool = False) -> None:

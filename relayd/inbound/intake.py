@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +36,7 @@ import structlog
 
 from relayd.config import Config
 from relayd.events import NO_EVENTS, Events, PackageAccepted, PackageRejected
-from relayd.fsutil import copy_independent, ensure_dir, fsync_dir, publish_file, write_durably
+from relayd.fsutil import clone_or_copy, ensure_dir, fsync_dir, publish_file, write_durably
 from relayd.inbound.handoff import hand_over
 from relayd.inbound.routing import route_commune
 from relayd.ledger import DuplicatePackage, Ledger, PackageRecord, utcnow
@@ -213,6 +214,9 @@ class Intake:
 
     def tidy(self) -> None:
         """Remove notes whose package is gone (a crash between the note and the move); call at start and stop."""
+        for copy in (self.config.storage.archive / ARCHIVE_INCOMING).glob("*.copying"):
+            if not self._busy:  # a copy being written belongs to a package in process
+                copy.unlink(missing_ok=True)
         staging = self.config.storage.staging
         if not staging.is_dir():
             return
@@ -269,18 +273,23 @@ class Intake:
         upload = self._upload_of(staged)
         bound = log.bind(account=upload.account, peer=upload.peer, upload=upload.name)
         package: Package | None = None
+        # The archive's own copy is written while the package is verified: the copy waits on the disk,
+        # verification on the CPU, and a large package would otherwise pay for both in turn.
+        copy = _ArchiveCopy.start(staged, self.config.storage.archive)
         try:
             try:
                 package = inspect_package(staged, self.config.limits)
                 bound = bound.bind(numero=package.numero, demarche=package.demarche, insee=package.insee)
                 self._route(package, upload)
-                outcome = self._accept(staged, package, upload, bound)
+                outcome = self._accept(staged, package, upload, bound, copy)
             except Rejection as rejection:
                 envelope = package.message if package is not None else rejection.envelope
                 outcome = self._reject(staged, upload, rejection, envelope if isinstance(envelope, Message) else None,
                                        bound)
         except Exception as exc:  # noqa: BLE001 - the daemon keeps serving whatever happens
             return self._failed(staged, upload, package, exc, bound)
+        finally:
+            copy.discard()  # a no-op once the copy became the archive
         with self._running_lock:
             self._retries.pop(staged, None)
         return outcome
@@ -350,7 +359,7 @@ class Intake:
                 f"commune {commune.insee} does not accept démarche {package.demarche[:40]!r}.",
             )
 
-    def _accept(self, staged: Path, package: Package, upload: Upload, bound) -> Outcome:
+    def _accept(self, staged: Path, package: Package, upload: Upload, bound, copy: _ArchiveCopy) -> Outcome:
         record = _record(package, upload)
         if self.ledger.accepted_by_sha256(package.sha256) is not None:
             return self._duplicate(staged, package, record, bound)
@@ -368,14 +377,13 @@ class Intake:
         archived = self._archive_path(package)
         # Until both the inbox and the archive hold the package, staging does too, so a crash at
         # any point leaves a staged file that recovery finishes.
+        # The archive first: once in the inbox, the file is the business software's to edit or delete.
+        # The archive is its own copy (a reflink where the file system offers one), never a link to it.
+        copy.publish(archived)
         if commune.delivery == "zip":
-            # The archive first: once in the inbox, the file is the business software's to edit or delete.
-            # The archive is its own copy (a reflink where the file system offers one), never a link to it.
-            copy_independent(staged, archived)
             final = hand_over(package, staged, commune, received_at=received_at, consume=True)
         else:
             final = hand_over(package, staged, commune, received_at=received_at)
-            publish_file(staged, archived, mode=0o600, move=True)
         try:
             self.ledger.record_accepted(
                 record,
@@ -389,6 +397,7 @@ class Intake:
         except DuplicatePackage:
             # Another worker accepted the same bytes at the same moment: same name, same content.
             self.ledger.record_duplicate(record, location=str(final), also=owed)
+        staged.unlink(missing_ok=True)  # extracted delivery copied it out; the zip delivery took it already
         self._drop_sidecar(staged)
         bound.info("intake.accepted", inbox=str(final), sha256=package.sha256, size=package.size)
         self.acks.committed(owed, package)
@@ -550,3 +559,42 @@ def _safe_name(name: str) -> str:
     """A client-chosen name, reduced to something safe to put in a file name."""
     base = os.path.basename(name.replace("\\", "/")) or "upload"
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in base)[:120]
+
+
+#: writes the archive's copies beside verification; each runs in one intake thread's shadow
+_COPIER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relayd-archive-copy")
+#: where copies are written before they are named, in the archive (one file system: a rename names them)
+ARCHIVE_INCOMING = ".incoming"
+
+
+class _ArchiveCopy:
+    """The archive's own copy of one staged package, written while it is verified."""
+
+    def __init__(self, tmp: Path, future: Future[None]):
+        self._tmp = tmp
+        self._future = future
+        self._published = False
+
+    @classmethod
+    def start(cls, staged: Path, archive: Path) -> _ArchiveCopy:
+        """Begin copying ``staged`` to a temporary name in ``archive``."""
+        tmp = archive / ARCHIVE_INCOMING / f"{staged.name}.{uuid.uuid4().hex[:8]}.copying"
+        return cls(tmp, _COPIER.submit(clone_or_copy, staged, tmp))
+
+    def publish(self, archived: Path) -> None:
+        """Wait for the copy (raising its error, if any) and give it its archive name, durably."""
+        self._future.result()
+        archived.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._tmp, archived)
+        self._published = True
+        fsync_dir(archived.parent)
+
+    def discard(self) -> None:
+        """Remove the copy unless it was published (a refusal, a resend, a failure)."""
+        if self._published:
+            return
+        try:
+            self._future.result()
+        except Exception:  # noqa: BLE001 - a copy that failed leaves nothing worth keeping
+            pass
+        self._tmp.unlink(missing_ok=True)
