@@ -205,7 +205,8 @@ def _needs_restart(old: Config, new: Config) -> list[tuple[str, object, object]]
     (The metrics endpoint says so itself for its own address.)
     """
     pairs = [("server.listen", old.server.listen, new.server.listen),
-             ("server.extra_listen", old.server.extra_listen, new.server.extra_listen), ("storage.root", old.storage.root, new.storage.root),
+             ("server.extra_listen", old.server.extra_listen, new.server.extra_listen),
+             ("storage.root", old.storage.root, new.storage.root),
              ("server.host_keys", old.server.host_keys, new.server.host_keys),
              ("server.host_key_types", old.server.host_key_types, new.server.host_key_types),
              ("server.profile", old.server.profile, new.server.profile)]
