@@ -99,7 +99,8 @@ class Relay:
         """
         folder = self.root / "returns" / insee / "rejected"
         out = []
-        for reason in sorted(folder.glob("*.reason.json")):
+        # In the order they were written: names hold a random part, and two refusals in one second may swap.
+        for reason in sorted(folder.glob("*.reason.json"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
             data = json.loads(reason.read_text())
             data["_file"] = reason.with_name(reason.name.removesuffix(".reason.json"))
             if data["_file"].exists():
@@ -193,7 +194,7 @@ class Relay:
     def quarantined(self) -> list[dict[str, Any]]:
         """Every reason file in quarantine, with the path of the file it explains."""
         out = []
-        for reason in sorted(self.quarantine.rglob("*.reason.json")):
+        for reason in sorted(self.quarantine.rglob("*.reason.json"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
             data = json.loads(reason.read_text())
             data["_file"] = reason.with_name(reason.name.removesuffix(".reason.json"))
             out.append(data)
