@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import stat
 import subprocess
 import zipfile
 from dataclasses import replace
@@ -32,13 +33,15 @@ CANONICAL_KINDS = [
     "control-char-name", "backslash-name", "undeclared-name-encoding", "summary-name-member", "file-and-folder",
     "file-marked-folder", "member-in-pj-folder", "stored-data-descriptor", "descriptor-mismatch",
     "pj-nested-zip", "pj-disguised-zip", "pj-file-and-folder", "pj-dot-member", "pj-trailing-data",
-    "pj-unicode-path-extra",
+    "pj-unicode-path-extra", "mode-extra-xl", "mode-extra-asi", "short-timestamp-extra", "reserved-flag",
+    "setuid-member", "pj-version-collision", "pj-device-name",
 ]
 #: kinds refused after the envelope was read, so the platform gets a negative ack
 ADDRESSABLE_KINDS = [
     "case-collision", "unicode-collision", "summary-name-member", "file-and-folder", "member-in-pj-folder",
     "pj-nested-zip",
     "pj-disguised-zip", "pj-file-and-folder", "pj-dot-member", "pj-trailing-data", "pj-unicode-path-extra",
+    "pj-version-collision", "pj-device-name",
 ]
 
 
@@ -124,6 +127,19 @@ def test_the_refused_layouts_do_fool_one_reader_or_the_other(kind):
     assert streaming_list(data) != central
 
 
+@pytest.mark.parametrize("kind, shown", [("mode-extra-xl", "-> /etc/passwd"), ("setuid-member", "-rwsrws")])
+def test_a_mode_relayd_refuses_is_what_libarchive_would_extract(kind, shown, tmp_path):
+    # Why they are refused: zipfile sees a plain file, bsdtar a link to /etc/passwd or a setuid file.
+    data = build_broken(kind, _spec(0))
+    (tmp_path / "p.zip").write_bytes(data)
+    listing = subprocess.run([require_program("bsdtar"), "-tvf", str(tmp_path / "p.zip")], capture_output=True,
+                             text=True, timeout=60).stdout
+    recap = next(line for line in listing.splitlines() if "recapPDF" in line)
+    assert shown in recap
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert not any(stat.S_ISLNK(i.external_attr >> 16) for i in zf.infolist())
+
+
 def test_a_file_marked_as_folder_is_a_folder_for_libarchive(tmp_path):
     data = build_broken("file-marked-folder", _spec(0))
     (tmp_path / "p.zip").write_bytes(data)
@@ -180,3 +196,51 @@ def test_names_that_collide_once_extracted_are_refused_whatever_the_delivery(mak
     good.write_bytes(build_package(spec))
     paramiko_put(relay, good, package_filename(spec))
     assert any(relay.inbox(insee).iterdir())
+
+
+def test_a_package_zipped_by_info_zip_keeps_its_extra_fields_and_is_accepted(tmp_path):
+    # Info-ZIP's zip writes timestamps (0x5455) and the owner (0x7875) on every member: fields that say
+    # nothing of a name, a type or a mode, and that the allow-list must keep accepting.
+    from relayd.testkit.samples import build_members
+
+    spec = _spec(20)
+    folder = tmp_path / "members"
+    folder.mkdir()
+    for name, data in build_members(spec).items():
+        (folder / name).write_bytes(data)
+    path = tmp_path / "infozip.zip"
+    subprocess.run([require_program("zip"), "-q", "-X-", str(path), *sorted(build_members(spec))], cwd=folder,
+                   check=True, timeout=60)
+    with zipfile.ZipFile(path) as zf:
+        assert all(b"UT" in i.extra and b"ux" in i.extra for i in zf.infolist())
+    package = inspect_package(path, PackageLimits())
+    assert streaming_list(path.read_bytes()) == [m.name for m in package.members]
+
+
+@pytest.mark.parametrize("names, reason", [
+    (["ı.pdf", "I.pdf"], "zip_name_collision"),  # Windows upper-cases the dotless i to I
+    (["a.pdf;1", "a.pdf"], "zip_name_collision"),  # unzip strips a VMS version
+    (["a\u2028b.pdf"], "zip_name_invalid"),  # a line separator: a line break in a log
+    (["a.pdf "], "zip_name_invalid"),  # Windows drops the trailing space
+    (["CONIN$.pdf"], "zip_name_invalid"),
+    (["LPT²"], "zip_name_invalid"),
+])
+def test_names_that_another_reader_or_windows_changes_are_refused(names, reason):
+    from relayd.pec.zipcheck import check_extraction_names, check_member_name
+    from relayd.rejections import Rejection
+
+    with pytest.raises(Rejection) as refused:
+        for name in names:
+            check_member_name(name)
+        check_extraction_names(names)
+    assert refused.value.reason.value == reason
+
+
+def test_deflate_level_bits_stay_accepted(tmp_path):
+    # Bits 1 and 2 only say how hard the deflater worked (zip -9 sets them): no reader reads the data differently.
+    from relayd.testkit.broken import _patch_headers, _victim
+
+    spec = _spec(21)
+    path = tmp_path / "level.zip"
+    path.write_bytes(_patch_headers(build_package(spec), _victim(spec), flag_or=0x2))
+    assert inspect_package(path, PackageLimits()).numero == spec.numero

@@ -30,7 +30,7 @@ def test_ci_runs_the_readme_test_command():
 def test_scripts_test_knows_every_package_the_suite_needs():
     script = (REPO / "scripts" / "test").read_text()
     readme = (REPO / "README.md").read_text()
-    for package in ("openssh-client", "openssh-server", "unzip", "systemd", "default-jdk-headless", "libjsch-java",
+    for package in ("openssh-client", "openssh-server", "unzip", "zip", "systemd", "default-jdk-headless", "libjsch-java",
                     "lftp", "curl", "putty-tools", "libarchive-tools", "prometheus", "postgresql", "haproxy"):
         assert f"={package}" in script, package
         assert package in readme, package

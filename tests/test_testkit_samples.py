@@ -132,7 +132,8 @@ def _zip_name_issues(infos: list[zipfile.ZipInfo]) -> set[Reason]:
 
 
 def _readable(info: zipfile.ZipInfo) -> bool:
-    return not info.flag_bits & 0x1 and info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+    # Flag bit 5 ("patched data"): zipfile will not read the member at all.
+    return not info.flag_bits & 0x21 and info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
 
 def _pj_ok(data: bytes) -> bool:
@@ -195,14 +196,17 @@ def _issues(data: bytes, *, max_package: int | None = MAX_PACKAGE) -> set[Reason
         for donnee in aller.iterfind(f"{m}Routage/{m}Donnee"):
             if donnee.findtext(f"{m}Id") == "CodeINSEE":
                 insee = donnee.findtext(f"{m}Valeur")
-                codes += 1
+    # As a reader that searches the whole document would count them: anywhere, in any namespace.
+    codes = int(root.xpath("count(//*[local-name()='Donnee'][*[local-name()='Id']='CodeINSEE'])"))
+    numeros = int(root.xpath("count(//*[local-name()='NumeroTeledemarche'])"))
     p = f"{{{PEC_NS}}}"
-    if codes > 1 or len(root.findall(f"{p}Header/{p}Routing/{p}MessageId")) > 1:
+    if codes > 1 or numeros > 1 or len(root.findall(f"{p}Header/{p}Routing/{p}MessageId")) > 1:
         issues.add(Reason.ENVELOPE_DUPLICATE_ELEMENT)
     if any(b"http://www.w3.org/2001/XInclude" in body for name, body in contents.items() if name.endswith(".xml")):
         issues.add(Reason.XML_XINCLUDE)
-    services = [s.text or "" for s in root.iterfind(f".//{p}AckTo//{p}Service")]
-    subjects = [s.text or "" for s in root.iterfind(f".//{p}Subject")]
+    # The whole text content, as a DOM reader's textContent gives it (comments split nothing there).
+    services = ["".join(s.itertext()) for s in root.iterfind(f".//{p}AckTo//{p}Service")]
+    subjects = ["".join(s.itertext()) for s in root.iterfind(f".//{p}Subject")]
     if any("/" in v or ".." in v for v in services) or any("\n" in v or "\r" in v for v in subjects):
         issues.add(Reason.ENVELOPE_UNSAFE_VALUE)
     if aller is None and root.find(f"{{{PEC_NS}}}Body/{{{PEC_NS}}}Content") is not None:
@@ -528,7 +532,9 @@ ZIPFILE_SEES: dict[str, set[Reason]] = {
     **{kind: set() for kind in (
         "deflate-slack", "hidden-gap", "leading-junk", "local-crc-mismatch", "pj-disguised-zip", "pj-dot-member",
         "pj-file-and-folder", "pj-nested-zip", "pj-trailing-data", "pj-unicode-path-extra", "prepended-package",
-        "summary-name-member", "trailing-data", "unicode-comment-extra", "unicode-path-extra", "zip64-member")},
+        "summary-name-member", "trailing-data", "unicode-comment-extra", "unicode-path-extra", "zip64-member",
+        "mode-extra-xl", "mode-extra-asi", "short-timestamp-extra", "reserved-flag", "setuid-member",
+        "pj-version-collision", "pj-device-name")},
 }
 
 

@@ -305,6 +305,12 @@ _ONCE = {
     NS_METIER: ("NumeroDemarche", "Teledemarche", "NumeroTeledemarche", "MotDePasse", "Email", "Date",
                 "Routage", "Id", "Valeur", "FichierFormulaire", "FichierDonnees", "Fichier"),
 }
+#: Elements that appear once in the whole envelope, whatever their namespace and wherever they are:
+#: a reader that searches the document (``//NumeroTeledemarche``) must find the one relayd read.
+_ONCE_IN_DOCUMENT = ("Header", "Routing", "MessageId", "FlowType", "Sender", "Recipients", "AckTo", "ConversationId",
+                     "Content", "Aller", "NumeroDemarche", "Teledemarche", "NumeroTeledemarche", "Routage",
+                     "EmailConfiguration")
+_ONCE_ANYWHERE = frozenset(name for names in _ONCE.values() for name in names)
 #: Where several are normal: each Recipient, AckType, Donnee, PieceJointe and Document.
 #: Values that name files, queues or services: a plain token, never a path.
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}")
@@ -334,33 +340,28 @@ def check_envelope_tree(root: etree._Element) -> None:
     ``envelope_unsafe_value``. Values are never quoted whole (one may be a password).
     """
     unknown: set[str] = set()
+    _check_once_in_document(root)
     for parent in root.iter():
         if not isinstance(parent.tag, str):
             continue
+        _check_no_mixed_content(parent)
+        # By local name: a copy in another namespace (or none) is a second one to a namespace-blind reader.
         seen: dict[tuple[str | None, str], int] = {}
-        insee = 0
         for child in parent:
             if not isinstance(child.tag, str):
                 continue
             q = etree.QName(child)
-            seen[(q.namespace, q.localname)] = seen.get((q.namespace, q.localname), 0) + 1
-            if q.localname == "Donnee" and (child.findtext(f"{{{NS_METIER}}}Id") or "").strip() == "CodeINSEE":
-                insee += 1
+            seen[(None, q.localname)] = seen.get((None, q.localname), 0) + 1
         for (ns, name), count in seen.items():
-            if count > 1 and name in _ONCE.get(ns or "", ()):
+            if count > 1 and name in _ONCE_ANYWHERE:
                 raise Rejection(
                     Reason.ENVELOPE_DUPLICATE_ELEMENT,
                     f"line {parent.sourceline}: <{local_name(parent)}> holds {count} <{name}>; it must hold one.",
                 )
-        if insee > 1:
+        if local_name(parent) == "Recipients" and seen.get((None, "Recipient"), 0) > 1:
             raise Rejection(
                 Reason.ENVELOPE_DUPLICATE_ELEMENT,
-                f"line {parent.sourceline}: Routage holds {insee} Donnee with Id CodeINSEE; it must hold one.",
-            )
-        if local_name(parent) == "Recipients" and seen.get((NS_PEC, "Recipient"), 0) > 1:
-            raise Rejection(
-                Reason.ENVELOPE_DUPLICATE_ELEMENT,
-                f"line {parent.sourceline}: Recipients holds {seen[(NS_PEC, 'Recipient')]} Recipient; relayd answers one.",
+                f"line {parent.sourceline}: Recipients holds {seen[(None, 'Recipient')]} Recipient; relayd answers one.",
             )
     for el in root.iter():
         if not isinstance(el.tag, str):
@@ -374,6 +375,43 @@ def check_envelope_tree(root: etree._Element) -> None:
     if unknown:
         # Tolerated: the platform may add elements; the reply copies them back untouched.
         log.info("envelope.unknown_elements", elements=sorted(unknown))
+
+
+def _check_once_in_document(root: etree._Element) -> None:
+    """One of each routing element in the whole document, and one ``Donnee`` whose ``Id`` is ``CodeINSEE``."""
+    counts: dict[str, list[int | None]] = {}
+    insee: list[int | None] = []
+    for el in root.iter():
+        if not isinstance(el.tag, str):
+            continue
+        name = etree.QName(el).localname
+        if name in _ONCE_IN_DOCUMENT:
+            counts.setdefault(name, []).append(el.sourceline)
+        if name == "Donnee" and any(etree.QName(c).localname == "Id" and (c.text or "").strip() == "CodeINSEE"
+                                    for c in el if isinstance(c.tag, str)):
+            insee.append(el.sourceline)
+    for name, lines in counts.items():
+        if len(lines) > 1:
+            raise Rejection(Reason.ENVELOPE_DUPLICATE_ELEMENT,
+                            f"lines {', '.join(map(str, lines[:5]))}: the envelope holds {len(lines)} <{name}>; "
+                            "it must hold one.")
+    if len(insee) > 1:
+        raise Rejection(Reason.ENVELOPE_DUPLICATE_ELEMENT,
+                        f"lines {', '.join(map(str, insee[:5]))}: the envelope holds {len(insee)} Donnee with Id "
+                        "CodeINSEE; it must hold one.")
+
+
+def _check_no_mixed_content(el: etree._Element) -> None:
+    """Text only in elements without children: a comment or an element inside a value splits it.
+
+    relayd reads the text before the first child; a reader of the whole text content reads
+    all of it, line breaks and paths included, past every check on the value.
+    """
+    if not len(el):
+        return
+    if (el.text or "").strip() or any((child.tail or "").strip() for child in el):
+        raise Rejection(Reason.ENVELOPE_UNSAFE_VALUE,
+                        f"line {el.sourceline}: <{local_name(el)}> mixes text with comments or elements.")
 
 
 def _check_value(name: str, text: str, line: int | None) -> None:

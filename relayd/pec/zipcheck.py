@@ -13,6 +13,7 @@ say, with its CRC verified. No member is ever held whole in memory.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 import unicodedata
@@ -84,6 +85,16 @@ _UTF8_FLAG = 0x800
 #: extra fields that give a member another name or comment than its header (Info-ZIP Unicode path, comment)
 _RENAMING_EXTRAS = {0x7075: "Info-ZIP Unicode path", 0x6375: "Info-ZIP Unicode comment"}
 _ZIP64_EXTRA = 0x0001
+#: the only other extra fields accepted: ones that say nothing of a member's name, type or mode. Others
+#: do: libarchive takes a member's type and mode from 0x6c78 ("xl"), unzip from 0x756e (ASi Unix), and
+#: 0x000d (PKWARE Unix) carries a link target; one relayd cannot check is one it does not accept.
+_TIMES_EXTRA = 0x5455
+_UNIX_IDS_EXTRA = 0x7875
+_KNOWN_EXTRAS = {0x000A: "NTFS times", _TIMES_EXTRA: "extended timestamp", _UNIX_IDS_EXTRA: "Unix owner",
+                 0xCAFE: "JAR marker", 0xA220: "padding"}
+#: flag bits a member may carry: deflate's level (1, 2), a data descriptor (3), UTF-8 names (11).
+#: Others are reserved or mean "patched data" or enhanced deflate, which readers treat differently.
+_ALLOWED_FLAGS = 0x2 | 0x4 | 0x8 | 0x800
 #: extra fields that mean the data is encrypted (strong encryption header, WinZip AES)
 _ENCRYPTION_EXTRAS = {0x0017, 0x9901}
 _MAX_COMPONENT_BYTES = 255
@@ -189,9 +200,37 @@ def _extras(data: bytes, name: str, label: str) -> dict[int, bytes]:
             raise Rejection(Reason.ZIP_ZIP64, f"{label}: member {name!r} has a zip64 extra field.")
         if ident in _ENCRYPTION_EXTRAS:
             raise Rejection(Reason.ZIP_ENCRYPTED, f"{label}: member {name!r} is encrypted.")
-        out[ident] = data[pos + 4 : pos + 4 + length]
+        if ident not in _KNOWN_EXTRAS:
+            raise Rejection(Reason.ZIP_EXTRA_FIELD,
+                            f"{label}: member {name!r} carries extra field 0x{ident:04x}, which relayd does not "
+                            "accept: some readers take a member's type, mode or name from such fields.")
+        body = data[pos + 4 : pos + 4 + length]
+        if not _well_formed_extra(ident, body):
+            raise Rejection(Reason.ZIP_EXTRA_FIELD,
+                            f"{label}: member {name!r} has a malformed {_KNOWN_EXTRAS[ident]} field (0x{ident:04x}), "
+                            "which some readers refuse.")
+        out[ident] = body
         pos += 4 + length
     return out
+
+
+def _well_formed_extra(ident: int, body: bytes) -> bool:
+    """Whether an accepted extra field holds what its kind says (libarchive refuses a short timestamp)."""
+    if ident == _TIMES_EXTRA:
+        # A flags byte, then 4 bytes per time present (the central copy holds the modification time only).
+        if not body or body[0] & ~0x07 or (len(body) - 1) % 4:
+            return False
+        return len(body) - 1 <= 4 * bin(body[0]).count("1") and (len(body) >= 5 or not body[0] & 1)
+    if ident == _UNIX_IDS_EXTRA:
+        # Version 1, then the uid's size and the uid, then the gid's size and the gid.
+        if len(body) < 3 or body[0] != 1:
+            return False
+        uid_size = body[1]
+        if 2 + uid_size >= len(body):
+            return False
+        gid_size = body[2 + uid_size]
+        return len(body) == 3 + uid_size + gid_size and uid_size <= 8 and gid_size <= 8
+    return True
 
 
 def _decode_name(raw: bytes, flags: int, label: str) -> str:
@@ -337,6 +376,10 @@ def check_directory(zf: zipfile.ZipFile, limits: PackageLimits, *, label: str = 
         seen.add(name)
         if info.flag_bits & _ENCRYPTION_FLAGS:
             raise Rejection(Reason.ZIP_ENCRYPTED, f"{label}: member {name!r} is encrypted.")
+        if info.flag_bits & ~_ALLOWED_FLAGS:
+            raise Rejection(Reason.ZIP_UNSUPPORTED,
+                            f"{label}: member {name!r} sets flag bits 0x{info.flag_bits & ~_ALLOWED_FLAGS:04x}, "
+                            "reserved or read differently by other readers.")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise Rejection(
                 Reason.ZIP_UNSUPPORTED, f"{label}: member {name!r} uses compression method {info.compress_type}."
@@ -368,6 +411,9 @@ def _check_entry_type(info: zipfile.ZipInfo, label: str) -> None:
     kind = stat.S_IFMT(info.external_attr >> 16)
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
         raise Rejection(Reason.ZIP_ENTRY_TYPE, f"{label}: member {name!r} is a device, a pipe or a socket.")
+    if (info.external_attr >> 16) & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
+        # bsdtar run as root restores them: a setuid file in the commune's hands.
+        raise Rejection(Reason.ZIP_ENTRY_TYPE, f"{label}: member {name!r} asks for the setuid, setgid or sticky bit.")
     marked_folder = kind == stat.S_IFDIR or bool(info.external_attr & 0x10)
     if marked_folder != info.is_dir():
         shape = "a folder under a file's name" if marked_folder else "a file under a folder's name"
@@ -388,7 +434,7 @@ def check_member_name(name: str, *, label: str = "the package") -> None:
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: a member has an empty name.")
     shown = name.encode("unicode_escape").decode("ascii")
     # Cc: control characters (NUL, CR, LF...); Cf: invisible ones (bidi overrides, zero-width spaces, BOM).
-    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {shown!r} holds control characters.")
     posix = name.replace("\\", "/")
     if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":"):
@@ -409,12 +455,19 @@ def check_member_name(name: str, *, label: str = "the package") -> None:
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} holds one of {_WINDOWS_FORBIDDEN}.")
     if any(part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES for part in parts):
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} is a Windows device name.")
+    if any(part != part.rstrip(". ") for part in parts):
+        # Windows drops them, so the name it stores is another one than the envelope lists.
+        raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name!r} ends a part with a space or a dot.")
     if len(name.encode()) > _MAX_NAME_BYTES or any(len(p.encode()) > _MAX_COMPONENT_BYTES for p in parts):
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {name[:80]!r}... is too long to extract.")
 
 
 _WINDOWS_FORBIDDEN = '<>:"|?*'
-_WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))})
+#: Windows takes superscript digits for device numbers too (COM¹ is COM1)
+_WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                              *(f"{d}{i}" for d in ("COM", "LPT") for i in (*"0123456789", "¹", "²", "³"))})
+#: a VMS version suffix, which unzip strips by default: "a.pdf;1" is extracted as "a.pdf"
+_VMS_VERSION = re.compile(r";\d+$")
 
 
 def name_key(name: str) -> tuple[str, ...]:
@@ -423,9 +476,10 @@ def name_key(name: str) -> tuple[str, ...]:
 
 
 def _part_key(part: str) -> str:
-    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", part).casefold())
+    # upper() first: Windows upper-cases to compare, and some letters only meet there (dotless ı is I).
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", part).upper().casefold())
     # casefold can undo normalisation (hence twice); Windows also drops trailing dots and spaces.
-    return folded.rstrip(". ")
+    return _VMS_VERSION.sub("", folded).rstrip(". ")
 
 
 def check_extraction_names(names: Iterable[str], *, label: str = "the package", reserved: Iterable[str] = ()) -> None:

@@ -207,18 +207,21 @@ def _set(record: _Record, *, local: dict[int, int] | None = None, both: dict[str
         struct.pack_into("<I", record.local, offset, value)
 
 
-def _with_extra(spec: SampleSpec, ident: int, payload: bytes) -> bytes:
-    """The valid package with one extra field on the recap PDF, in both its headers (zipfile writes both)."""
+def _with_extra(spec: SampleSpec, ident: int, payload: bytes, *, data: bytes | None = None) -> bytes:
+    """The valid package with one extra field on the recap PDF, in both its headers (zipfile writes both).
+
+    ``data`` replaces the recap PDF's content (a link target, for a field that makes it a link).
+    """
     members = build_members(spec)
     victim = _victim(spec)
     pairs: list[tuple[str | zipfile.ZipInfo, bytes]] = []
-    for name, data in members.items():
+    for name, content in members.items():
         if name == victim:
             info = zip_entry(name, spec.zip_date_time)
             info.extra = struct.pack("<HH", ident, len(payload)) + payload
-            pairs.append((info, data))
+            pairs.append((info, content if data is None else data))
         else:
-            pairs.append((name, data))
+            pairs.append((name, content))
     return write_zip(pairs, date_time=spec.zip_date_time)
 
 
@@ -714,6 +717,50 @@ def build_oversized(spec: SampleSpec, size: int = OVERSIZED_BYTES) -> bytes:
     return build_package(replace(spec, annex_bytes=padding, annex_fill="random"))
 
 
+def _mode_extra_xl(spec: SampleSpec) -> bytes:
+    # libarchive's own 0x6c78 ("xl"): a Unix mode that bsdtar takes over the central directory's.
+    payload = bytes([5]) + struct.pack("<HI", 0x0314, (stat.S_IFLNK | 0o777) << 16)
+    return _with_extra(spec, 0x6C78, payload, data=b"/etc/passwd")
+
+
+def _mode_extra_asi(spec: SampleSpec) -> bytes:
+    # ASi Unix (0x756e): the mode unzip uses when the central attributes say nothing.
+    rest = struct.pack("<HIHH", stat.S_IFLNK | 0o777, 0, 0, 0)
+    return _with_extra(spec, 0x756E, struct.pack("<I", zlib.crc32(rest)) + rest, data=b"/etc/passwd")
+
+
+def _short_timestamp_extra(spec: SampleSpec) -> bytes:
+    # An extended timestamp (0x5455) with no bytes at all: libarchive gives up on the whole archive.
+    return _with_extra(spec, 0x5455, b"")
+
+
+def _reserved_flag(spec: SampleSpec) -> bytes:
+    # Bit 5, "compressed patched data": zipfile refuses to read the member, bsdtar and unzip read it.
+    return _patch_headers(build_package(spec), _victim(spec), flag_or=0x20)
+
+
+def _setuid_member(spec: SampleSpec) -> bytes:
+    members = build_members(spec)
+    victim = _victim(spec)
+    pairs: list[tuple[str | zipfile.ZipInfo, bytes]] = []
+    for name, data in members.items():
+        info = zip_entry(name, spec.zip_date_time)
+        if name == victim:
+            info.external_attr = (stat.S_IFREG | stat.S_ISUID | stat.S_ISGID | 0o777) << 16
+        pairs.append((info, data))
+    return write_zip(pairs, date_time=spec.zip_date_time)
+
+
+def _pj_version_collision(spec: SampleSpec) -> bytes:
+    # unzip strips a VMS version suffix by default: both land on one file.
+    name, data = _scans(spec)[0]
+    return _with_pj(spec, [(name, data), (f"{name};1", pdf_bytes(["second"]))])
+
+
+def _pj_device_name(spec: SampleSpec) -> bytes:
+    return _with_pj(spec, [*_scans(spec), ("COM\u00b9.pdf", pdf_bytes(["device"]))])
+
+
 def _kinds(*kinds: BrokenKind) -> dict[str, BrokenKind]:
     return {k.name: k for k in kinds}
 
@@ -918,6 +965,26 @@ BROKEN_KINDS: dict[str, BrokenKind] = _kinds(
     BrokenKind("pj-unicode-path-extra", Reason.PJ_ZIP_UNSAFE,
                "An attachment carries a Unicode path field (0x7075) renaming it '../../evil.pdf'.",
                _pj_unicode_path_extra, cause=Reason.ZIP_EXTRA_FIELD),
+    BrokenKind("mode-extra-xl", Reason.ZIP_EXTRA_FIELD,
+               "The recap PDF carries libarchive's 0x6c78 field, which makes it a link to /etc/passwd for bsdtar.",
+               _mode_extra_xl),
+    BrokenKind("mode-extra-asi", Reason.ZIP_EXTRA_FIELD,
+               "The recap PDF carries an ASi Unix field (0x756e) giving it a link's mode, which unzip can use.",
+               _mode_extra_asi),
+    BrokenKind("short-timestamp-extra", Reason.ZIP_EXTRA_FIELD,
+               "The recap PDF's extended timestamp field (0x5455) is empty: libarchive refuses the archive.",
+               _short_timestamp_extra),
+    BrokenKind("reserved-flag", Reason.ZIP_UNSUPPORTED,
+               "The recap PDF sets flag bit 5 (patched data), which zipfile refuses and other readers ignore.",
+               _reserved_flag),
+    BrokenKind("setuid-member", Reason.ZIP_ENTRY_TYPE,
+               "The recap PDF's Unix mode asks for setuid and setgid, which bsdtar restores as root.", _setuid_member),
+    BrokenKind("pj-version-collision", Reason.PJ_ZIP_UNSAFE,
+               "The attachments zip holds 'x.pdf' and 'x.pdf;1', one file once unzip strips the version.",
+               _pj_version_collision, cause=Reason.ZIP_NAME_COLLISION),
+    BrokenKind("pj-device-name", Reason.PJ_ZIP_UNSAFE,
+               "The attachments zip holds 'COM\u00b9.pdf', a device for Windows.", _pj_device_name,
+               cause=Reason.ZIP_NAME_INVALID),
 )
 
 
@@ -951,5 +1018,11 @@ for _kind in (
                f"No CodeINSEE, and the recipient's SIRET {_env.STRAY_SIRET} is no commune's.", _env.siret_unknown),
     BrokenKind("not-a-dossier", Reason.ENVELOPE_NOT_A_DOSSIER,
                "message.xml is shaped like the DIA flow's: an opaque Content, no Aller.", _env.not_a_dossier),
+    BrokenKind("comment-split-subject", Reason.ENVELOPE_UNSAFE_VALUE,
+               "A comment splits the Subject; after it, a line break and a Bcc: header.", _env.comment_split_subject),
+    BrokenKind("nested-codeinsee", Reason.ENVELOPE_DUPLICATE_ELEMENT,
+               "A second Donnee CodeINSEE, for another commune, hidden in Suivi.", _env.nested_codeinsee),
+    BrokenKind("foreign-namespace-numero", Reason.ENVELOPE_DUPLICATE_ELEMENT,
+               "A second NumeroTeledemarche in another namespace.", _env.foreign_namespace_numero),
 ):
     BROKEN_KINDS[_kind.name] = _kind

@@ -94,3 +94,38 @@ def not_a_dossier(spec: SampleSpec) -> bytes:
     members = build_members(spec)
     members["message.xml"] = dia_envelope(spec)
     return write_zip(members, date_time=spec.zip_date_time)
+
+
+def comment_split_subject(spec: SampleSpec) -> bytes:
+    """A comment splits the ``Subject``: relayd's reader stops at it, a DOM reader reads a ``Bcc:`` line after it."""
+
+    def edit(xml: str) -> str:
+        return xml.replace(" : dossier à traiter</ns2:Subject>",
+                           "<!---->&#13;&#10;Bcc: victime@example.org</ns2:Subject>", 1)
+
+    return _edited(spec, "message.xml", edit)
+
+
+def nested_codeinsee(spec: SampleSpec) -> bytes:
+    """A second ``Donnee`` CodeINSEE, for another commune, hidden in ``Suivi`` before the real ``Routage``.
+
+    A reader that searches the document (``//Donnee[Id='CodeINSEE']``) finds this one first.
+    """
+    other = "75056" if spec.insee != "75056" else "90017"
+
+    def edit(xml: str) -> str:
+        return xml.replace("<Suivi></Suivi>",
+                           f"<Suivi><Donnee><Id>CodeINSEE</Id><Valeur>{other}</Valeur></Donnee></Suivi>", 1)
+
+    return _edited(spec, "message.xml", edit)
+
+
+def foreign_namespace_numero(spec: SampleSpec) -> bytes:
+    """A second ``NumeroTeledemarche`` in another namespace, before the real one: two for a namespace-blind reader."""
+
+    def edit(xml: str) -> str:
+        return xml.replace("<NumeroTeledemarche>",
+                           '<o:NumeroTeledemarche xmlns:o="urn:other">B-1-OTHER0001</o:NumeroTeledemarche>'
+                           "<NumeroTeledemarche>", 1)
+
+    return _edited(spec, "message.xml", edit)
