@@ -346,22 +346,21 @@ def check_envelope_tree(root: etree._Element) -> None:
             continue
         _check_no_mixed_content(parent)
         # By local name: a copy in another namespace (or none) is a second one to a namespace-blind reader.
-        seen: dict[tuple[str | None, str], int] = {}
+        seen: dict[str, int] = {}
         for child in parent:
-            if not isinstance(child.tag, str):
-                continue
-            q = etree.QName(child)
-            seen[(None, q.localname)] = seen.get((None, q.localname), 0) + 1
-        for (ns, name), count in seen.items():
+            if isinstance(child.tag, str):
+                name = etree.QName(child).localname
+                seen[name] = seen.get(name, 0) + 1
+        for name, count in seen.items():
             if count > 1 and name in _ONCE_ANYWHERE:
                 raise Rejection(
                     Reason.ENVELOPE_DUPLICATE_ELEMENT,
                     f"line {parent.sourceline}: <{local_name(parent)}> holds {count} <{name}>; it must hold one.",
                 )
-        if local_name(parent) == "Recipients" and seen.get((None, "Recipient"), 0) > 1:
+        if local_name(parent) == "Recipients" and seen.get("Recipient", 0) > 1:
             raise Rejection(
                 Reason.ENVELOPE_DUPLICATE_ELEMENT,
-                f"line {parent.sourceline}: Recipients holds {seen[(None, 'Recipient')]} Recipient; relayd answers one.",
+                f"line {parent.sourceline}: Recipients holds {seen['Recipient']} Recipient; relayd answers one.",
             )
     for el in root.iter():
         if not isinstance(el.tag, str):

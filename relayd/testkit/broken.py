@@ -207,22 +207,32 @@ def _set(record: _Record, *, local: dict[int, int] | None = None, both: dict[str
         struct.pack_into("<I", record.local, offset, value)
 
 
-def _with_extra(spec: SampleSpec, ident: int, payload: bytes, *, data: bytes | None = None) -> bytes:
-    """The valid package with one extra field on the recap PDF, in both its headers (zipfile writes both).
+def _with_victim(spec: SampleSpec, tweak: Callable[[zipfile.ZipInfo], object], *, data: bytes | None = None) -> bytes:
+    """The valid package with the recap PDF's zip entry changed by ``tweak`` (its mode, its extra fields).
 
-    ``data`` replaces the recap PDF's content (a link target, for a field that makes it a link).
+    ``data`` replaces the recap PDF's content (a link target, for an entry made a link).
     """
-    members = build_members(spec)
     victim = _victim(spec)
     pairs: list[tuple[str | zipfile.ZipInfo, bytes]] = []
-    for name, content in members.items():
+    for name, content in build_members(spec).items():
         if name == victim:
             info = zip_entry(name, spec.zip_date_time)
-            info.extra = struct.pack("<HH", ident, len(payload)) + payload
+            tweak(info)
             pairs.append((info, content if data is None else data))
         else:
             pairs.append((name, content))
     return write_zip(pairs, date_time=spec.zip_date_time)
+
+
+def _with_mode(spec: SampleSpec, mode: int, *, data: bytes | None = None) -> bytes:
+    """The valid package whose recap PDF has the Unix ``mode`` (zip_entry already says "made on Unix")."""
+    return _with_victim(spec, lambda info: setattr(info, "external_attr", mode << 16), data=data)
+
+
+def _with_extra(spec: SampleSpec, ident: int, payload: bytes, *, data: bytes | None = None) -> bytes:
+    """The valid package with one extra field on the recap PDF, in both its headers (zipfile writes both)."""
+    field = struct.pack("<HH", ident, len(payload)) + payload
+    return _with_victim(spec, lambda info: setattr(info, "extra", field), data=data)
 
 
 class _Unseekable(io.RawIOBase):
@@ -286,18 +296,7 @@ def _absolute_path(spec: SampleSpec) -> bytes:
 
 def _symlink_member(spec: SampleSpec) -> bytes:
     # A listed member turned into a link, so the listing still matches: only the link is wrong.
-    members = build_members(spec)
-    victim = _victim(spec)
-    pairs: list[tuple[str | zipfile.ZipInfo, bytes]] = []
-    for name, data in members.items():
-        if name == victim:
-            info = zip_entry(name, spec.zip_date_time)
-            # zip_entry already says "made on Unix", the only origin whose mode bits mean anything.
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            pairs.append((info, b"/etc/passwd"))
-        else:
-            pairs.append((name, data))
-    return write_zip(pairs, date_time=spec.zip_date_time)
+    return _with_mode(spec, stat.S_IFLNK | 0o777, data=b"/etc/passwd")
 
 
 def _duplicate_member(spec: SampleSpec) -> bytes:
@@ -652,17 +651,7 @@ def _descriptor_mismatch(spec: SampleSpec) -> bytes:
 
 def _file_marked_folder(spec: SampleSpec) -> bytes:
     # Named as a file, but its Unix mode says folder: libarchive skips its data, zipfile extracts it.
-    members = build_members(spec)
-    victim = _victim(spec)
-    pairs: list[tuple[str | zipfile.ZipInfo, bytes]] = []
-    for name, data in members.items():
-        if name == victim:
-            info = zip_entry(name, spec.zip_date_time)
-            info.external_attr = (stat.S_IFDIR | 0o755) << 16
-            pairs.append((info, data))
-        else:
-            pairs.append((name, data))
-    return write_zip(pairs, date_time=spec.zip_date_time)
+    return _with_mode(spec, stat.S_IFDIR | 0o755)
 
 
 def _member_in_pj_folder(spec: SampleSpec) -> bytes:
@@ -740,15 +729,7 @@ def _reserved_flag(spec: SampleSpec) -> bytes:
 
 
 def _setuid_member(spec: SampleSpec) -> bytes:
-    members = build_members(spec)
-    victim = _victim(spec)
-    pairs: list[tuple[str | zipfile.ZipInfo, bytes]] = []
-    for name, data in members.items():
-        info = zip_entry(name, spec.zip_date_time)
-        if name == victim:
-            info.external_attr = (stat.S_IFREG | stat.S_ISUID | stat.S_ISGID | 0o777) << 16
-        pairs.append((info, data))
-    return write_zip(pairs, date_time=spec.zip_date_time)
+    return _with_mode(spec, stat.S_IFREG | stat.S_ISUID | stat.S_ISGID | 0o777)
 
 
 def _pj_version_collision(spec: SampleSpec) -> bytes:
