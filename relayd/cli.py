@@ -12,7 +12,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from relayd import __version__
+from relayd import __version__, dossiers
 from relayd.config import Config, ConfigError, load_config
 from relayd.logs import configure_logging
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_return = sub.add_parser("return", help="drop a status file for a dossier (for business software that cannot)")
     add_config_argument(p_return)
     p_return.add_argument("numero", help="the dossier number, e.g. A-9-X3UGO4V7")
-    p_return.add_argument("--state", required=True, choices=["recu", "clos"])
+    p_return.add_argument("--state", required=True, choices=dossiers.RETURN_STATES)
     p_return.add_argument("--comment", help="a comment for the citizen")
     p_return.add_argument("--attach", type=Path, action="append", default=[], help="an attachment (PDF, PNG, JPEG)")
     p_return.add_argument("--insee", help="the commune, for a dossier this relay never received")

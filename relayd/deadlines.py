@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from relayd import dossiers
 from relayd.config import Config
 from relayd.ledger import Ledger
-
-#: states in the order a dossier goes through them
-STATES = ("transmis", "recu", "clos")
 
 _DAY = 86400.0
 
@@ -90,7 +88,7 @@ class StatusReport:
     @property
     def open_count(self) -> int:
         """Dossiers not closed."""
-        return sum(n for (_, _, state), n in self.counts.items() if state != "clos")
+        return sum(n for (_, _, state), n in self.counts.items() if not dossiers.is_final(state))
 
     @property
     def outbox_oldest_pending_seconds(self) -> float | None:
@@ -141,7 +139,7 @@ def build_report(ledger: Ledger, config: Config, now: datetime) -> StatusReport:
     late: list[DossierAge] = []
     overdue: list[DossierAge] = []
     rows = ledger.query("SELECT numero, demarche, insee, state, requested_state, received_at FROM dossiers"
-                        " WHERE state != 'clos' ORDER BY received_at, numero")
+                        " WHERE state != ? ORDER BY received_at, numero", (dossiers.CLOS,))
     for row in rows:
         received = _parse(row["received_at"])
         age = (now - received).total_seconds() / _DAY
@@ -215,10 +213,11 @@ def _counts_table(report: StatusReport) -> list[str]:
     names = [f"{insee} {report.communes.get(insee, '(not configured)')}" for insee, _ in pairs]
     width = max(len("commune"), *(len(n) for n in names))
     dwidth = max(len("démarche"), *(len(d) for _, d in pairs))
-    header = f"{'commune':{width}}  {'démarche':{dwidth}}  {'transmis':>8}  {'reçu':>8}  {'clos':>8}"
+    states = "  ".join(f"{dossiers.WORDS[s]:>8}" for s in dossiers.STATES)
+    header = f"{'commune':{width}}  {'démarche':{dwidth}}  {states}"
     out = [header]
     for name, (insee, demarche) in zip(names, pairs, strict=True):
-        cells = "  ".join(f"{report.counts.get((insee, demarche, s), 0):>8}" for s in STATES)
+        cells = "  ".join(f"{report.counts.get((insee, demarche, s), 0):>8}" for s in dossiers.STATES)
         out.append(f"{name:{width}}  {demarche:{dwidth}}  {cells}")
     return out
 
@@ -249,7 +248,7 @@ def _duration(seconds: float) -> str:
 
 def _count_order(item: tuple[tuple[str, str, str], int]) -> tuple[str, str, int]:
     (insee, demarche, state), _ = item
-    return insee, demarche, STATES.index(state) if state in STATES else len(STATES)
+    return insee, demarche, dossiers.STATES.index(state) if state in dossiers.STATES else len(dossiers.STATES)
 
 
 def _parse(text: str) -> datetime:

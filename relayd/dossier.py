@@ -15,9 +15,10 @@ from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from relayd import dossiers
 from relayd.config import Config
 from relayd.deadlines import DossierAge
-from relayd.ledger import STATE_LABELS, Ledger
+from relayd.ledger import Ledger
 
 _DAY = 86400.0
 
@@ -60,12 +61,12 @@ def history(ledger: Ledger, config: Config, numero: str, now: datetime) -> dict[
         out["dossier"] = {
             "demarche": dossier["demarche"], "insee": dossier["insee"],
             "commune": (config.commune(dossier["insee"]).name if config.commune(dossier["insee"]) else None),
-            "state": dossier["state"], "state_label": STATE_LABELS.get(dossier["state"]),
+            "state": dossier["state"], "state_label": dossiers.LABELS.get(dossier["state"]),
             "requested_state": dossier["requested_state"], "received_at": dossier["received_at"],
             "updated_at": dossier["updated_at"], "inbox_path": dossier["inbox_path"],
             "age_days": round(age.age_days, 2), "deadline": age.deadline.isoformat(timespec="seconds"),
             # Once closed, the limit no longer runs: the citizen has the answer.
-            "days_left": None if dossier["state"] == "clos" else round(age.days_left, 2),
+            "days_left": None if dossiers.is_final(dossier["state"]) else round(age.days_left, 2),
         }
     return out
 

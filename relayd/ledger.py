@@ -17,17 +17,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from relayd import dossiers
+
 #: a step that runs inside an outcome's own transaction (the outbox entry owing its ack)
 Also = Callable[[sqlite3.Connection], None] | None
 
-#: Dossier states, in order. The labels are the platform's exact wording.
-STATE_LABELS = {
-    "transmis": "Dossier transmis au service traitant",
-    "recu": "Dossier reçu par le service traitant",
-    "clos": "Dossier clos",
-}
+# The CHECKs name the states that relayd.dossiers defines, so the ledger cannot hold another.
+_STATES_SQL = ", ".join(f"'{s}'" for s in dossiers.STATES)
+_RETURN_STATES_SQL = ", ".join(f"'{s}'" for s in dossiers.RETURN_STATES)
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS packages (
     id           INTEGER PRIMARY KEY,
     received_at  TEXT NOT NULL,
@@ -54,7 +53,7 @@ CREATE TABLE IF NOT EXISTS dossiers (
     numero        TEXT PRIMARY KEY,
     demarche      TEXT NOT NULL,
     insee         TEXT NOT NULL,
-    state         TEXT NOT NULL CHECK (state IN ('transmis', 'recu', 'clos')),
+    state         TEXT NOT NULL CHECK (state IN ({_STATES_SQL})),
     deposited_at  TEXT,
     received_at   TEXT NOT NULL,
     updated_at    TEXT NOT NULL,
@@ -63,7 +62,7 @@ CREATE TABLE IF NOT EXISTS dossiers (
     inbox_path    TEXT,
     archive_path  TEXT,
     routing       TEXT,
-    requested_state TEXT CHECK (requested_state IN ('recu', 'clos')),
+    requested_state TEXT CHECK (requested_state IN ({_RETURN_STATES_SQL})),
     scrubbed_at   TEXT
 );
 
@@ -83,7 +82,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     kind            TEXT NOT NULL CHECK (kind IN ('AVL', 'ANL', 'Retour')),
     numero          TEXT,
     queue_key       TEXT NOT NULL,
-    target_state    TEXT CHECK (target_state IN ('recu', 'clos')),
+    target_state    TEXT CHECK (target_state IN ({_RETURN_STATES_SQL})),
     message_id      TEXT NOT NULL UNIQUE,
     ref_message_id  TEXT,
     remote_name     TEXT NOT NULL UNIQUE,
@@ -136,7 +135,7 @@ CREATE TABLE IF NOT EXISTS defender_logins (
 _MIGRATIONS = {
     "dossiers": {
         "routing": "TEXT",
-        "requested_state": "TEXT CHECK (requested_state IN ('recu', 'clos'))",
+        "requested_state": f"TEXT CHECK (requested_state IN ({_RETURN_STATES_SQL}))",
         "scrubbed_at": "TEXT",  # set by retention once the dossier's personal data has left the ledger
     },
     "outbox": {
@@ -314,8 +313,8 @@ class Ledger:
                 db.execute(
                     "INSERT INTO dossiers (numero, demarche, insee, state, deposited_at, received_at, updated_at,"
                     " message_id, sha256, inbox_path, archive_path, routing)"
-                    " VALUES (?, ?, ?, 'transmis', ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rec.numero, rec.demarche, rec.insee, deposited_at, now, now, rec.message_id, rec.sha256,
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (rec.numero, rec.demarche, rec.insee, dossiers.TRANSMIS, deposited_at, now, now, rec.message_id, rec.sha256,
                      inbox_path, archive_path, routing),
                 )
                 self._event(db, rec.numero, "received", f"handed over to {inbox_path}", at=now)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from relayd import dossiers
 from relayd.config import Config
 from relayd.fsutil import fsync_dir
 from relayd.ledger import EXIT_LEDGER_LOCKED, EXIT_LEDGER_UNUSABLE, Ledger, LedgerUnusable, PackageRecord, is_fresh
@@ -28,9 +29,6 @@ from relayd.pec.replies import read_reply
 from relayd.rejections import Rejection
 
 log = structlog.get_logger("relayd.ledger")
-
-#: dossier states in the order they follow each other
-_STATE_ORDER = {"transmis": 0, "recu": 1, "clos": 2}
 
 
 # -- start-up ---------------------------------------------------------------------------
@@ -228,8 +226,8 @@ def _rebuild_packages(config: Config, ledger: Ledger, done: Rebuilt) -> None:
                  inbox))
             db.execute(
                 "INSERT OR IGNORE INTO dossiers (numero, demarche, insee, state, deposited_at, received_at, updated_at,"
-                " message_id, sha256, inbox_path, archive_path, routing) VALUES (?, ?, ?, 'transmis', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (rec.numero, rec.demarche, rec.insee, package.message.aller.teledemarche.date, received, received,
+                " message_id, sha256, inbox_path, archive_path, routing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.numero, rec.demarche, rec.insee, dossiers.TRANSMIS, package.message.aller.teledemarche.date, received, received,
                  rec.message_id, rec.sha256, inbox, str(zipped),
                  package.message.header.routing.to_xml(encoding="unicode")))
             Ledger.event(db, rec.numero, "rebuilt", f"recorded again from the archive ({zipped.name})")
@@ -264,7 +262,7 @@ def _rebuild_replies(config: Config, ledger: Ledger, done: Rebuilt) -> None:
                 continue
             if status == "delivered" and state is not None and numero is not None:
                 row = db.execute("SELECT state FROM dossiers WHERE numero = ?", (numero,)).fetchone()
-                if row is not None and _STATE_ORDER[state] > _STATE_ORDER[row["state"]]:
+                if row is not None and dossiers.is_later(state, row["state"]):
                     db.execute("UPDATE dossiers SET state = ?, updated_at = ? WHERE numero = ?", (state, at, numero))
         if status == "delivered":
             done.replies += 1

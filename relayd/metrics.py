@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from relayd import dossiers
 from relayd.clock import SYSTEM_CLOCK, Clock
 from relayd.config import Config, Listen
 from relayd.deadlines import build_report
@@ -55,7 +56,6 @@ REPLY_KINDS = ("AVL", "ANL", "Retour")
 #: SSH authentication methods (RFC 4252 and 4256 names)
 AUTH_METHODS = ("password", "publickey", "keyboard-interactive", "hostbased", "none")
 OUTBOX_STATUSES = ("pending", "dead")
-DOSSIER_STATES = ("transmis", "recu", "clos")
 #: from a second to a day: an ack goes out in seconds, a Retour may wait out a platform outage
 DELIVERY_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400)
 _REASONS = frozenset(r.value for r in Reason)
@@ -221,7 +221,7 @@ class LedgerCollector(Collector):
         yield GaugeMetricFamily("relayd_uploads_in_flight", "Uploads begun and not yet committed or discarded.")
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        outbox, dossiers, late, sessions, uploads = self._families()
+        outbox, by_state, late, sessions, uploads = self._families()
         try:
             counts = self._read_ledger()
         except sqlite3.Error as exc:
@@ -230,11 +230,11 @@ class LedgerCollector(Collector):
         else:
             for status in OUTBOX_STATUSES:
                 outbox.add_metric([status], counts["outbox"].get(status, 0))
-            for state in DOSSIER_STATES:
-                dossiers.add_metric([state], counts["dossiers"].get(state, 0))
+            for state in dossiers.STATES:
+                by_state.add_metric([state], counts["dossiers"].get(state, 0))
             for level in ("late", "overdue"):
                 late.add_metric([level], counts["late"].get(level, 0))
-            yield from (outbox, dossiers, late)
+            yield from (outbox, by_state, late)
         if self._state is not None:
             sessions.add_metric([], len(self._state.connections))
             uploads.add_metric([], _uploads_in_flight(self._state))

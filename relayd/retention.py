@@ -61,6 +61,7 @@ from typing import Any
 
 import structlog
 
+from relayd import dossiers
 from relayd.clock import SYSTEM_CLOCK, Clock
 from relayd.config import Config
 from relayd.ledger import Ledger
@@ -156,8 +157,8 @@ def _in_use(ledger: Ledger) -> set[Path]:
     """Files something still needs: pending or dead outbox payloads, and the packages open dossiers route from."""
     rows = ledger.query("SELECT payload FROM outbox WHERE status IN ('pending', 'dead')")
     needed = {Path(r["payload"]) for r in rows}
-    rows = ledger.query("SELECT archive_path FROM dossiers WHERE state != 'clos' AND (routing IS NULL OR routing = '')"
-                        " AND archive_path IS NOT NULL")
+    rows = ledger.query("SELECT archive_path FROM dossiers WHERE state != ? AND (routing IS NULL OR routing = '')"
+                        " AND archive_path IS NOT NULL", (dossiers.CLOS,))
     needed |= {Path(r["archive_path"]) for r in rows}
     return {_real(p) for p in needed}
 
@@ -250,8 +251,8 @@ def _real(path: Path) -> Path:
 def _scrub_closed(ledger: Ledger, cutoff: datetime, result: RetentionResult) -> None:
     """Remove the personal data of dossiers closed before ``cutoff``, keeping their reference."""
     # The ledger writes every time as the same UTC ISO 8601 form, so text order is time order.
-    rows = ledger.query("SELECT numero FROM dossiers WHERE state = 'clos' AND scrubbed_at IS NULL AND updated_at <= ?"
-                        " ORDER BY updated_at", (_iso(cutoff),))
+    rows = ledger.query("SELECT numero FROM dossiers WHERE state = ? AND scrubbed_at IS NULL AND updated_at <= ?"
+                        " ORDER BY updated_at", (dossiers.CLOS, _iso(cutoff)))
     for row in rows:
         numero = row["numero"]
         if not result.dry_run and not _scrub_one(ledger, numero, result.now):
@@ -262,7 +263,7 @@ def _scrub_closed(ledger: Ledger, cutoff: datetime, result: RetentionResult) -> 
 def _scrub_one(ledger: Ledger, numero: str, now: datetime) -> bool:
     with ledger.transaction() as db:
         cursor = db.execute("UPDATE dossiers SET routing = NULL, scrubbed_at = ?"
-                            " WHERE numero = ? AND state = 'clos' AND scrubbed_at IS NULL", (_iso(now), numero))
+                            " WHERE numero = ? AND state = ? AND scrubbed_at IS NULL", (_iso(now), numero, dossiers.CLOS))
         if not cursor.rowcount:
             return False  # scrubbed meanwhile by another purge
         db.execute("UPDATE packages SET upload_name = NULL, detail = NULL,"

@@ -27,7 +27,7 @@ from typing import Literal
 import pytest
 from lxml import etree
 
-from relayd.ledger import STATE_LABELS
+from relayd.dossiers import LABELS as STATE_LABELS
 from relayd.pec.envelope import NS_METIER, NS_PEC, Routing, read_envelope
 from relayd.pec.replies import ACK_NS, RETOUR_NS, Attachment, build_ack, build_retour
 from relayd.pec.status import STATUT_NS, StatusAttachment, StatusFile, read_status_file, write_status_file

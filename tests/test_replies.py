@@ -22,7 +22,7 @@ from lxml import etree
 from pydantic import ValidationError
 
 import relayd.pec.xml as pec_xml
-from relayd.ledger import STATE_LABELS
+from relayd.dossiers import LABELS as STATE_LABELS
 from relayd.pec.envelope import NS_PEC, Location, Party, Routing
 from relayd.pec.package import Package, inspect_package
 from relayd.pec.replies import (

@@ -24,7 +24,7 @@ from watchdog.observers import Observer
 
 from conftest import REAL_MOTDEPASSE, REAL_PACKAGE, paramiko_client, sftp_put, wait_for
 from platform_sshd import PlatformSshd, make_client_key, platform_sshd_fixture  # noqa: F401 - registers the fixture
-from relayd.ledger import STATE_LABELS
+from relayd.dossiers import LABELS as STATE_LABELS
 from relayd.pec.envelope import read_envelope
 from relayd.pec.replies import Reply, read_reply
 from relayd.pec.status import StatusAttachment, StatusFile, write_status_file

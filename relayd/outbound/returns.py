@@ -38,9 +38,10 @@ from typing import Literal
 
 import structlog
 
+from relayd import dossiers
 from relayd.config import Commune, Config, Returns
 from relayd.fsutil import ensure_dir, fsync_dir, resolve_gid, write_durably
-from relayd.ledger import STATE_LABELS, Ledger
+from relayd.ledger import Ledger
 from relayd.outbound.attachments import check_content
 from relayd.outbound.dropfiles import TakenFile, read_regular, set_aside_name, take
 from relayd.outbound.outbox import Entry, Outbox, Queued
@@ -53,9 +54,6 @@ from relayd.pec.zipcheck import PackageLimits, check_directory, check_extraction
 from relayd.rejections import Reason, Rejection
 
 log = structlog.get_logger("relayd.returns")
-
-#: the one move each state allows: transmis → reçu → clos, and clos is final (contract 6)
-NEXT_STATE = {"transmis": "recu", "recu": "clos"}
 
 #: accepted attachment types: the extension, what the content must start with, the MIME type
 ATTACHMENT_TYPES: dict[str, tuple[bytes, str]] = {
@@ -126,14 +124,8 @@ def check_attachment(name: str, content: bytes, limits: Returns) -> str:
 
 def next_state_error(numero: str, current: str, wanted: str) -> Rejection | None:
     """Why ``current`` cannot move to ``wanted`` (contract 6), or None when it can."""
-    if NEXT_STATE.get(current) == wanted:
-        return None
-    if current == "clos":
-        detail = f"dossier {numero} is closed (\"{STATE_LABELS['clos']}\"); it takes no further state."
-    else:
-        detail = (f"dossier {numero} is at \"{STATE_LABELS[current]}\"; it can move only to "
-                  f"\"{STATE_LABELS[NEXT_STATE[current]]}\", not to \"{STATE_LABELS.get(wanted, wanted)}\".")
-    return Rejection(Reason.TRANSITION_INVALID, detail)
+    detail = dossiers.move_refusal(numero, current, wanted)
+    return None if detail is None else Rejection(Reason.TRANSITION_INVALID, detail)
 
 
 class ReturnDrops:
@@ -326,8 +318,8 @@ class ReturnDrops:
         with self.ledger.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO dossiers (numero, demarche, insee, state, received_at, updated_at, message_id,"
-                " sha256, routing) VALUES (?, ?, ?, 'transmis', ?, ?, '', '', ?)",
-                (drop.numero, drop.demarche, commune.insee, now, now, routing.to_xml(encoding="unicode")),
+                " sha256, routing) VALUES (?, ?, ?, ?, ?, ?, '', '', ?)",
+                (drop.numero, drop.demarche, commune.insee, dossiers.TRANSMIS, now, now, routing.to_xml(encoding="unicode")),
             )
             Ledger.event(db, drop.numero, "adopted", "a return for a dossier this relay never received (allowed here)")
         dossier = self.ledger.dossier(drop.numero)
@@ -335,17 +327,17 @@ class ReturnDrops:
         return dossier
 
     def _check_transition(self, drop: _Drop, current: str) -> None:
-        if NEXT_STATE.get(current) == drop.state:
+        if dossiers.can_move(current, drop.state or ""):
             return
         # "clos" while "reçu" is still settling in the same folder: wait for it rather than refuse.
-        if current == "transmis" and drop.state == "clos":
+        if dossiers.skips_a_step(current, drop.state or ""):
             raise _Defer(current)
         raise self._transition_error(drop, current)
 
     def _transition_error(self, drop: _Drop, current: str | None = None) -> Rejection:
         if current is None:
             dossier = self.ledger.dossier(drop.numero or "")
-            current = (dossier["requested_state"] or dossier["state"]) if dossier else "transmis"
+            current = dossiers.heading(dossier["state"], dossier["requested_state"]) if dossier else dossiers.TRANSMIS
         return next_state_error(drop.numero or "?", current, drop.state or "?") or Rejection(Reason.TRANSITION_INVALID)
 
     # -- queueing --------------------------------------------------------------------
@@ -393,8 +385,8 @@ class ReturnDrops:
 
         def advance(db: sqlite3.Connection) -> None:
             row = db.execute("SELECT state, requested_state FROM dossiers WHERE numero = ?", (numero,)).fetchone()
-            current = row["requested_state"] or row["state"]
-            if NEXT_STATE.get(current) != state:
+            current = dossiers.heading(row["state"], row["requested_state"])
+            if not dossiers.can_move(current, state):
                 raise Rejection(Reason.TRANSITION_INVALID, f"dossier {numero} moved to {current} meanwhile.")
             db.execute("UPDATE dossiers SET requested_state = ? WHERE numero = ?", (state, numero))
 
@@ -405,12 +397,12 @@ class ReturnDrops:
     def auto_receipt(self, numero: str) -> Entry | None:
         """Queue "reçu" for a dossier just handed over, if nothing has moved it yet."""
         dossier = self.ledger.dossier(numero)
-        if dossier is None or dossier["state"] != "transmis" or dossier["requested_state"] is not None:
+        if dossier is None or dossier["state"] != dossiers.TRANSMIS or dossier["requested_state"] is not None:
             return None
         reply = build_retour(self.routing_of(dossier), numero=numero, demarche=dossier["demarche"],
-                             state="recu", comment=None, attachments=[], style=self.config.reply_style)
+                             state=dossiers.RECU, comment=None, attachments=[], style=self.config.reply_style)
         try:
-            return self.queue_retour(reply, numero, "recu", ref_message_id=dossier["message_id"],
+            return self.queue_retour(reply, numero, dossiers.RECU, ref_message_id=dossier["message_id"],
                                      source_sha256=None, source="auto_receipt")
         except Rejection:
             return None  # a drop moved it first

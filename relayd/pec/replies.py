@@ -71,7 +71,7 @@ from lxml import etree
 from pydantic import ConfigDict, ValidationError, field_serializer, field_validator, model_validator
 from pydantic_xml import BaseXmlModel, attr, element
 
-from relayd.ledger import STATE_LABELS
+from relayd import dossiers
 from relayd.pec.envelope import KNOWN_PEC_ELEMENTS, NS_PEC, NUMERO_PATTERN, Party, Recipients, Routing
 from relayd.pec.package import ENVELOPE_NAME
 from relayd.pec.status import describe_element, explain_schema_errors, explain_validation_error
@@ -215,15 +215,15 @@ class AckBody(_Accuse, tag="Accuse"):
 class RetourState(_Retour, tag="Etat"):
     """``<Etat code="recu">Dossier reçu par le service traitant</Etat>``."""
 
-    code: Literal["recu", "clos"] = attr(name="code")
+    code: dossiers.ReturnState = attr(name="code")
     label: str
 
     _strip = field_validator("code", "label", mode="before")(_stripped)
 
     @model_validator(mode="after")
     def _label_matches(self) -> RetourState:
-        if self.label != STATE_LABELS[self.code]:
-            raise ValueError(f"Etat code {self.code!r} goes with the label {STATE_LABELS[self.code]!r}, not {self.label[:60]!r}")
+        if self.label != dossiers.LABELS[self.code]:
+            raise ValueError(f"Etat code {self.code!r} goes with the label {dossiers.LABELS[self.code]!r}, not {self.label[:60]!r}")
         return self
 
 
@@ -305,7 +305,7 @@ class RetourBody(_Retour, tag="Retour"):
         return free_text(value, label="Commentaire", limit=MAX_COMMENT_CHARS)
 
     @property
-    def state(self) -> Literal["recu", "clos"]:
+    def state(self) -> dossiers.ReturnState:
         """The new state's code, as a status file and the ledger name it."""
         return self.etat.code
 
@@ -504,7 +504,7 @@ def build_retour(
     *,
     numero: str,
     demarche: str,
-    state: Literal["recu", "clos"],
+    state: dossiers.ReturnState,
     comment: str | None,
     attachments: Sequence[Attachment],
     now: datetime | None = None,
@@ -517,8 +517,8 @@ def build_retour(
     ``ValueError`` (a pydantic ``ValidationError`` among them) for what the format refuses: a
     malformed number or démarche, a comment over 4000 characters, a bad media type...
     """
-    if state not in ("recu", "clos"):
-        raise ValueError(f"a Retour sets the state 'recu' or 'clos', not {state!r}")
+    if state not in dossiers.RETURN_STATES:
+        raise ValueError(f"a Retour sets the state {' or '.join(map(repr, dossiers.RETURN_STATES))}, not {state!r}")
     numero, demarche = numero.strip(), demarche.strip()
     if not NUMERO_PATTERN.match(numero):
         raise ValueError(f"NumeroTeledemarche {numero[:40]!r} {REPLY_HINTS['NumeroTeledemarche']}")
@@ -544,7 +544,7 @@ def build_retour(
         demarche=demarche,
         numero=numero,
         message_id_origine=origin,
-        etat=RetourState(code=state, label=STATE_LABELS[state]),
+        etat=RetourState(code=state, label=dossiers.LABELS[state]),
         date=moment,
         comment=comment,
         attachments=pieces,

@@ -31,6 +31,7 @@ from lxml import etree
 from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic_xml import BaseXmlModel, attr, element
 
+from relayd import dossiers
 from relayd.pec.envelope import NUMERO_PATTERN
 from relayd.pec.xml import free_text, load_schema, local_name, parse_xml
 from relayd.rejections import Reason, Rejection
@@ -87,7 +88,7 @@ class StatusFile(_Statut, tag="Statut"):
 
     version: Literal["1"] = attr(name="version", default=STATUT_VERSION)
     numero: str = element(tag="NumeroTeledemarche")
-    state: Literal["recu", "clos"] = element(tag="Etat")
+    state: dossiers.ReturnState = element(tag="Etat")
     comment: str | None = element(tag="Commentaire", default=None)
     attachments: list[StatusAttachment] = element(tag="PieceJointe", default_factory=list)
     demarche: str | None = element(tag="NumeroDemarche", default=None)

@@ -33,6 +33,7 @@ from typing import Any
 import asyncssh
 import structlog
 
+from relayd import dossiers
 from relayd.inbound.server import load_host_keys
 from relayd.pec.envelope import Message, Party
 from relayd.pec.package import inspect_package
@@ -337,7 +338,7 @@ def check_received(received: Path, sent: Sequence[Sent], *, since: float | None 
         if got[: len(wanted)] != wanted:
             report.missing.append(f"Retour {' then '.join(wanted)} for {numero} (got {', '.join(got) or 'nothing'})")
     for numero, got in states.items():
-        if got != sorted(got, key=["recu", "clos"].index) or len(set(got)) != len(got):
+        if got != sorted(got, key=dossiers.RETURN_STATES.index) or len(set(got)) != len(got):
             report.unexpected.append(f"Retours for {numero} arrived as {', '.join(got)}: out of order or repeated")
     return report
 
@@ -442,7 +443,7 @@ def register(testkit: argparse._SubParsersAction) -> None:
     p.add_argument("--insee", help="INSEE codes, comma-separated, taken in turn (default: the demo's communes)")
     p.add_argument("--broken", action="append", default=[], help="also push this broken kind (repeatable; 'all' for every kind)")
     p.add_argument("--seed", type=int, default=None, help="make the packages reproducible")
-    p.add_argument("--expect-retour", action="append", default=[], choices=["recu", "clos"],
+    p.add_argument("--expect-retour", action="append", default=[], choices=dossiers.RETURN_STATES,
                    help="expect this Retour for every accepted dossier (repeat for recu then clos)")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for everything expected")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -490,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
         expect = {s.numero: list(args.expect_retour) for s in sent if s.pushed == "accepted" and args.expect_retour}
         for s in sent:
             if s.pushed == "accepted" and s.insee in target["auto_receipt"] and s.numero not in expect:
-                expect[s.numero] = ["recu"]
+                expect[s.numero] = [dossiers.RECU]
         report = wait_for_report(Path(target["received"]), sent, since=started if plan else None,
                                  timeout=args.wait if plan else 0, expect_retours=expect)
     finally:
