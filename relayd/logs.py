@@ -135,3 +135,5 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info", *, stream: T
     root.setLevel(level.upper())
     # asyncssh narrates every packet at INFO; relayd logs what matters itself.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    # A library's warning at run time is a log line like any other, with its priority, never bare text.
+    logging.captureWarnings(True)
