@@ -103,12 +103,15 @@ def _clone_or_copy(src: Path, dest: Path) -> None:
                 _copy_fd(fsrc.fileno(), fd)
             os.fchmod(fd, 0o600)
             os.fsync(fd)
+            # An archive copy is not read in the normal course: once on disk, its pages need not stay
+            # cached, where they would push out what is read (the inboxes, the ledger).
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
 
 def clone_or_copy(src: Path, dest: Path) -> None:
-    """Write a new file ``dest`` (which must not exist) with ``src``'s content on an inode of its own, fsynced."""
+    """Write a new file ``dest`` (which must not exist) with ``src``'s content on an inode of its own, fsynced, uncached."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         _clone_or_copy(src, dest)
