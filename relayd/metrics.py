@@ -66,8 +66,13 @@ _REQUEST_TIMEOUT_SECONDS = 10.0
 class ServerView(Protocol):
     """What the scrape reads of the running SFTP server (a :class:`~relayd.inbound.server.ServerState`)."""
 
+    #: every SSH connection open now, each with ``authenticated``
     connections: set[Any]
     sessions: set[Any]
+    #: the pre-authentication budget; ``startups.pending`` holds the connections not yet logged in
+    startups: Any
+    #: the brute-force defender; ``defender.bans()`` lists the bans in force
+    defender: Any
 
     def uploads_in_flight(self) -> int: ...
 
@@ -217,11 +222,14 @@ class LedgerCollector(Collector):
         yield GaugeMetricFamily("relayd_dossiers_late",
                                 "Open dossiers past deadlines.warn_days (late) or past deadlines.overdue_days "
                                 "(overdue); a dossier counts in one level only.", labels=["level"])
-        yield GaugeMetricFamily("relayd_sessions_open", "SSH connections open now.")
+        yield GaugeMetricFamily("relayd_sessions_open", "SSH connections logged in now.")
+        yield GaugeMetricFamily("relayd_connections_pending",
+                                "SSH connections accepted and not yet logged in (the pre-authentication budget).")
         yield GaugeMetricFamily("relayd_uploads_in_flight", "Uploads begun and not yet committed or discarded.")
+        yield GaugeMetricFamily("relayd_bans_active", "Address prefixes the brute-force defender bans now.")
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        outbox, by_state, late, sessions, uploads = self._families()
+        outbox, by_state, late, sessions, pending, uploads, bans = self._families()
         try:
             counts = self._read_ledger()
         except sqlite3.Error as exc:
@@ -236,9 +244,19 @@ class LedgerCollector(Collector):
                 late.add_metric([level], counts["late"].get(level, 0))
             yield from (outbox, by_state, late)
         if self._state is not None:
-            sessions.add_metric([], len(self._state.connections))
+            # The sets change on the event loop while the scrape runs in a server thread: list() copies
+            # one in a single step, where iterating it here could meet a change half way.
+            connections = list(self._state.connections)
+            sessions.add_metric([], sum(1 for c in connections if c.authenticated))
+            pending.add_metric([], len(self._state.startups.pending))
             uploads.add_metric([], _uploads_in_flight(self._state))
-            yield from (sessions, uploads)
+            yield from (sessions, pending, uploads)
+            try:
+                bans.add_metric([], len(self._state.defender.bans()))
+            except sqlite3.Error as exc:
+                log.warning("metrics.ledger_read_failed", error=str(exc))
+            else:
+                yield bans
 
     def _read_ledger(self) -> dict[str, dict[str, int]]:
         # The same report as `relayd status` and the digest: one definition of late and overdue.

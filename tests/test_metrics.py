@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -247,3 +248,31 @@ def test_late_and_overdue_dossiers_follow_the_clock_and_stop_when_closed(tmp_pat
         db.execute("UPDATE dossiers SET state = 'clos' WHERE numero = 'A-1-LATE0001'")
     assert asyncio.run(levels(31)) == {"late": 0, "overdue": 1}
     ledger.close()
+
+
+def test_connections_not_logged_in_and_bans_in_force_have_their_gauges(make_relay):
+    """Idle sockets count as pending connections, not sessions; a ban shows while it is in force."""
+    relay = make_relay(metrics=METRICS_ON, defender={"max_failures": 1})
+    before = scrape(relay)
+    assert (value(before, "relayd_connections_pending"), value(before, "relayd_bans_active")) == (0, 0)
+    idle = [socket.create_connection(("127.0.0.1", relay.port)) for _ in range(3)]
+    client = paramiko_client(relay, password=PASSWORD)
+    try:
+        wait_for(lambda: value(scrape(relay), "relayd_connections_pending") == 3, timeout=30,
+                 what="the idle sockets to count as pending")
+        assert value(scrape(relay), "relayd_sessions_open") == 1
+    finally:
+        for sock in idle:
+            sock.close()
+        client.close()
+        client.get_channel().get_transport().close()
+    wait_for(lambda: value(scrape(relay), "relayd_connections_pending") == 0, timeout=30, what="the sockets to go")
+    transport = paramiko.Transport(socket.create_connection(("127.0.0.1", relay.port), source_address=("127.0.0.7", 0)))
+    with pytest.raises(paramiko.AuthenticationException):
+        transport.connect(username="plateforme", password="not the password")
+    transport.close()
+    wait_for(lambda: value(scrape(relay), "relayd_bans_active") == 1, timeout=30, what="the ban to show")
+    unban = subprocess.run([sys.executable, "-m", "relayd", "defender", "unban", "127.0.0.7", "-c", str(relay.config_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert unban.returncode == 0, unban.stderr
+    assert value(scrape(relay), "relayd_bans_active") == 0
