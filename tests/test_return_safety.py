@@ -7,7 +7,9 @@ outside must stay exactly as it was: content, mode, owner.
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 from pathlib import Path
 
 from conftest import wait_for
@@ -87,3 +89,42 @@ def test_links_and_fake_attachments_are_refused_and_good_ones_reach_the_platform
     replies = wait_received(platform, 2)
     assert [r.kind for r in replies] == ["AVL", "Retour"]
     assert sorted(replies[1].members.values()) == sorted([PDF, png_bytes()])
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _zip_with(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+HTML = b"<html><body><script>document.location='https://evil.example/'</script></body></html>"
+_IEND = b"\0\0\0\0IEND\xaeB`\x82"
+
+
+def test_an_image_with_a_second_file_after_its_end_is_refused(relay):
+    # A zip or a web page after the image's end rides along unseen by Pillow: a polyglot file. A PNG that
+    # repeats its last chunk after the payload ends as a PNG should, and its first end is still the real one.
+    numero = "A-1-POLYGLOT1"  # no dossier needed: attachments are checked first
+    drop(relay, numero, "recu", attachments={"photo.jpg": _jpeg() + _zip_with("run.exe", b"MZ" * 64)}, name="jpeg-zip.xml")
+    drop(relay, numero, "recu", attachments={"scan.jpg": _jpeg() + HTML}, name="jpeg-html.xml")
+    drop(relay, numero, "recu", attachments={"scan.png": png_bytes() + HTML + _IEND}, name="png-html.xml")
+    wait_for(lambda: len(relay.rejected()) >= 3, what="3 refusals")
+    by_drop = {r["drop"]: (r["code"], r["message"]) for r in relay.rejected()}
+    assert by_drop == {
+        "jpeg-zip.xml": ("attachment_type", "'photo.jpg' has data after the end of its JPEG image."),
+        "jpeg-html.xml": ("attachment_type", "'scan.jpg' has data after the end of its JPEG image."),
+        "png-html.xml": ("attachment_type", "'scan.png' has data after the end of its PNG image."),
+    }
+    # The same images without their passengers pass the checks (and meet the unknown dossier).
+    drop(relay, numero, "recu", attachments={"clean.jpg": _jpeg(), "clean.png": png_bytes()}, name="clean.xml")
+    wait_for(lambda: len(relay.rejected()) >= 4, what="4 refusals")
+    assert {r["drop"]: r["code"] for r in relay.rejected()}["clean.xml"] == "dossier_unknown"

@@ -25,7 +25,7 @@ _NAME_TOKEN = re.compile(rb"/[^\s/\[\]()<>{}%]+")
 _MAX_PDF_OBJECTS = 100_000
 #: an attachment is at most a few MB: more pixels than this is a decompression bomb
 MAX_IMAGE_PIXELS = 40_000_000
-_PNG_END = b"IEND\xaeB`\x82"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: what Pillow calls each accepted image type
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 
@@ -119,11 +119,61 @@ def check_image(name: str, content: bytes, expected: str) -> None:
             # verify() checks the structure only; decoding every pixel finds a truncated or corrupt body.
             with Image.open(io.BytesIO(content)) as image:
                 image.load()
-        if expected == "PNG" and not content.endswith(_PNG_END):
-            # Bytes after the last chunk are no image: a second file (HTML, a zip) riding along.
-            raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} has data after the end of its PNG image.")
+        # Bytes after the image's end are no image: a second file (HTML, a zip) riding along. Pillow stops
+        # at the first end, so the end is found by walking the file's own structure, not by its last bytes.
+        if _image_end(content, expected) != len(content):
+            raise Rejection(Reason.ATTACHMENT_TYPE, f"{name!r} has data after the end of its {expected} image.")
     except Rejection:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError... for broken files
         raise Rejection(Reason.ATTACHMENT_UNREADABLE,
                         f"{name!r} does not decode as {expected} ({type(exc).__name__}).") from None
+
+
+def _image_end(content: bytes, kind: str) -> int | None:
+    """Where the first image of ``content`` ends (after PNG's IEND chunk, JPEG's EOI marker); None if never."""
+    return _png_end(content) if kind == "PNG" else _jpeg_end(content)
+
+
+def _png_end(content: bytes) -> int | None:
+    pos = len(_PNG_SIGNATURE)
+    while pos + 12 <= len(content):
+        length = int.from_bytes(content[pos:pos + 4], "big")
+        kind = content[pos + 4:pos + 8]
+        pos += 12 + length  # length, type, data, CRC
+        if kind == b"IEND":
+            return pos
+    return None
+
+
+#: JPEG markers that stand alone, without a length: TEM and the restart markers
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def _jpeg_end(content: bytes) -> int | None:
+    pos = 2  # after SOI
+    while pos + 1 < len(content):
+        if content[pos] != 0xFF:
+            return None
+        marker = content[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return pos + 2
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(content[pos + 2:pos + 4], "big")
+        if marker == 0xDA:  # SOS: entropy-coded data up to the next marker that is not stuffing or a restart
+            while (pos := content.find(b"\xff", pos)) != -1 and pos + 1 < len(content):
+                following = content[pos + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:
+                    pos += 2
+                elif following == 0xFF:
+                    pos += 1
+                else:
+                    break
+            if pos == -1:
+                return None
+    return None
