@@ -128,3 +128,22 @@ def test_an_image_with_a_second_file_after_its_end_is_refused(relay):
     drop(relay, numero, "recu", attachments={"clean.jpg": _jpeg(), "clean.png": png_bytes()}, name="clean.xml")
     wait_for(lambda: len(relay.rejected()) >= 4, what="4 refusals")
     assert {r["drop"]: r["code"] for r in relay.rejected()}["clean.xml"] == "dossier_unknown"
+
+
+def test_names_that_are_not_utf8_or_very_long_are_set_aside_and_sent(linked, tmp_path):
+    # The business software picks the bytes of its names: Latin-1 "reçu.xml", or 240 characters. relayd puts
+    # them into its own file names (a stamp before, ".reason.json" after), JSON and the ledger: such a name
+    # used to fail there, the drop stayed in the return directory unexplained, and the drops after it waited.
+    relay, platform, spec = one_dossier(linked, tmp_path, seed=78)
+    latin1 = os.fsdecode("reçu-illisible.xml".encode("latin-1"))
+    drop(relay, spec.numero, "recu", raw=b"<Statut><NumeroTeledemarche>oops</Statut", name=latin1)
+    long_pdf = "attestation-" + "x" * 228 + ".pdf"
+    drop(relay, spec.numero, "recu", attachments={long_pdf: PDF}, name="recu-" + "y" * 236 + ".xml")
+    wait_for(lambda: relay.rejected(), what="the Latin-1 drop's refusal")
+    (reason,) = relay.rejected()
+    assert reason["code"] == "xml_malformed" and reason["drop"] == "re\\xe7u-illisible.xml"
+    replies = wait_received(platform, 2)
+    assert [r.kind for r in replies] == ["AVL", "Retour"] and list(replies[1].members.values()) == [PDF]
+    wait_for(lambda: not os.listdir(relay.returns()), what="the return directory to be emptied")
+    kept = [p for p in (relay.root / "var" / "archive" / "returns").rglob("*") if p.is_file()]
+    assert sorted(p.suffix for p in kept) == [".pdf", ".xml"]  # both taken, under names that fit

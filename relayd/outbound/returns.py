@@ -40,7 +40,7 @@ import structlog
 
 from relayd import dossiers
 from relayd.config import Commune, Config, Returns
-from relayd.fsutil import ensure_dir, fsync_dir, resolve_gid, write_durably
+from relayd.fsutil import ensure_dir, fsync_dir, resolve_gid, temp_name, write_durably
 from relayd.ledger import Ledger
 from relayd.outbound.attachments import check_content
 from relayd.outbound.dropfiles import TakenFile, read_regular, set_aside_name, take
@@ -97,7 +97,7 @@ class _Drop:
 
     def names(self) -> list[str]:
         """Every attachment name beside the drop that goes where the drop goes."""
-        return [c.path.name for c in self.companions] + [p.name for p in self.untaken]
+        return [shown_name(c.path.name) for c in self.companions] + [shown_name(p.name) for p in self.untaken]
 
 
 def check_attachment_size(name: str, size: int, limits: Returns) -> None:
@@ -145,7 +145,7 @@ class ReturnDrops:
 
     def process(self, path: Path, commune: Commune, *, others_waiting: bool = False) -> DropOutcome:
         """Check one complete drop and queue it, or set it aside with a reason. Never raises for bad input."""
-        bound = log.bind(commune=commune.insee, drop=path.name)
+        bound = log.bind(commune=commune.insee, drop=shown_name(path.name))
         drop = _Drop(path)
         if not os.path.lexists(path):
             # Taken back by whoever dropped it between the scan and now: nothing to send, nothing to set aside.
@@ -356,7 +356,7 @@ class ReturnDrops:
             reply = build_retour(routing, numero=drop.numero, demarche=dossier["demarche"], state=drop.state,
                                  comment=drop.comment, attachments=attachments, style=self.config.reply_style)
         return self.queue_retour(reply, dossier["numero"], drop.state, ref_message_id=dossier["message_id"] or None,
-                                 source_sha256=drop.sha256, source=drop.path.name)
+                                 source_sha256=drop.sha256, source=shown_name(drop.path.name))
 
     def routing_of(self, dossier: sqlite3.Row) -> Routing:
         """The routing of the dossier's Aller envelope: from the ledger, or from the archived package.
@@ -412,7 +412,7 @@ class ReturnDrops:
     def _duplicate(self, drop: _Drop, previous: Entry, bound) -> DropOutcome:
         location = self._archive(drop)
         self.ledger.record_event(drop.numero, "return_redropped",
-                                 f"{drop.path.name} was already queued as outbox #{previous.id}; not sent again")
+                                 f"{shown_name(drop.path.name)} was already queued as outbox #{previous.id}; not sent again")
         bound.info("returns.duplicate", outbox=previous.id)
         return DropOutcome("duplicate", drop.numero, previous, location=location)
 
@@ -421,9 +421,9 @@ class ReturnDrops:
         assert drop.taken is not None
         folder = ensure_dir(self.config.storage.archive / "returns" / datetime.now(UTC).strftime("%Y/%m"))
         stamp = _stamp()
-        target = folder / f"{stamp}-{drop.path.name}"
+        target = folder / aside_name(stamp, drop.path.name)
         for companion in drop.companions:
-            take(companion, folder / f"{stamp}-{companion.path.name}", mode=0o600)
+            take(companion, folder / aside_name(stamp, companion.path.name), mode=0o600)
         take(drop.taken, target, mode=0o600)
         return target
 
@@ -433,12 +433,12 @@ class ReturnDrops:
         ensure_dir(folder, 0o755)
         when = datetime.now(UTC)
         stamp = _stamp()
-        target = folder / f"{stamp}-{drop.path.name}"
+        target = folder / aside_name(stamp, drop.path.name)
         gid = resolve_gid(commune.group)
         reason = {
             **rejection.as_dict(),
             "rejected_at": when.isoformat(timespec="seconds"),
-            "drop": drop.path.name,
+            "drop": shown_name(drop.path.name),
             "numero": drop.numero,
             "state": drop.state,
             "attachments": drop.names(),
@@ -450,16 +450,17 @@ class ReturnDrops:
                       (json.dumps(reason, indent=2, ensure_ascii=False) + "\n").encode(), mode=commune.mode, gid=gid)
         # What relayd read is copied into files of its own; a name it refused to read moves as a name only.
         for companion in drop.companions:
-            take(companion, folder / f"{stamp}-{companion.path.name}", mode=commune.mode, gid=gid)
+            take(companion, folder / aside_name(stamp, companion.path.name), mode=commune.mode, gid=gid)
         for name in drop.untaken:
-            set_aside_name(name, folder / f"{stamp}-{name.name}")
+            set_aside_name(name, folder / aside_name(stamp, name.name))
         if drop.taken is not None:
             take(drop.taken, target, mode=commune.mode, gid=gid)
         else:
             set_aside_name(drop.path, target)
         fsync_dir(folder)
         if drop.numero and self.ledger.dossier(drop.numero) is not None:
-            self.ledger.record_event(drop.numero, "return_rejected", f"{drop.path.name}: {rejection.reason.value}: {rejection.detail}")
+            self.ledger.record_event(drop.numero, "return_rejected",
+                                     f"{shown_name(drop.path.name)}: {rejection.reason.value}: {rejection.detail}")
         bound.warning("returns.rejected", code=rejection.reason.value, reason=rejection.detail, moved_to=str(target))
         return DropOutcome("rejected", drop.numero, rejection=rejection, location=target)
 
@@ -471,6 +472,38 @@ class _Defer(Exception):
 def _stamp() -> str:
     """A file-name prefix that sorts by time and never repeats, so nothing set aside is overwritten."""
     return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+#: the longest name relayd gives a file it keeps: with ".reason.json" after it, even the temporary name
+#: it is written under fits in the 255 bytes most file systems allow
+_MAX_KEPT_NAME_BYTES = 255 - len(temp_name(".reason.json"))
+_KEPT_SUFFIX_CHARS = 16
+
+
+def shown_name(name: str) -> str:
+    """A name from the return directory as text that JSON, the ledger and the log can hold.
+
+    The business software chooses the bytes: a name that is not UTF-8 (Latin-1 "reçu.xml")
+    reaches Python with surrogates, which no UTF-8 encoder takes; its bytes are shown as ``\\xNN``.
+    """
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def aside_name(stamp: str, name: str) -> str:
+    """``<stamp>-<name>`` for a copy relayd keeps of a file named by the business software.
+
+    Valid UTF-8, and short enough for the stamp and ``.reason.json`` to fit in a file name:
+    a longer name loses the middle of its stem, keeping its extension.
+    """
+    shown = shown_name(name)
+    budget = _MAX_KEPT_NAME_BYTES - len(stamp.encode()) - 1
+    if len(shown.encode()) <= budget:
+        return f"{stamp}-{shown}"
+    suffix = PurePosixPath(shown).suffix
+    suffix = suffix if len(suffix) <= _KEPT_SUFFIX_CHARS else ""
+    room = budget - len(suffix.encode()) - len("…".encode())
+    stem = shown[: len(shown) - len(suffix)].encode()[:room].decode("utf-8", "ignore")
+    return f"{stamp}-{stem}…{suffix}"
 
 
 def _routing_for_unknown(numero: str, demarche: str, commune: Commune) -> Routing:
