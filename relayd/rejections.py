@@ -145,7 +145,7 @@ _SUMMARIES: dict[Reason, str] = {
     Reason.ATTACHMENT_TYPE: "An attachment is not of an accepted type, or its content does not match its name.",
     Reason.TOO_MANY_ATTACHMENTS: "The return carries more attachments than this relay accepts.",
     Reason.ATTACHMENT_UNREADABLE: "An attachment does not open as the PDF or image its name says.",
-    Reason.ATTACHMENT_ACTIVE_CONTENT: "A PDF attachment carries JavaScript or a launch action.",
+    Reason.ATTACHMENT_ACTIVE_CONTENT: "A PDF attachment carries JavaScript, a launch action, a script link or an embedded file.",
     Reason.DROP_NOT_REGULAR: "A drop or attachment is a symbolic link or another non-regular file.",
     Reason.DROP_HARD_LINK: "A drop or attachment is a hard link to a file that has other names.",
     Reason.ENVELOPE_DUPLICATE_ELEMENT: "message.xml gives an element twice that must appear once (two CodeINSEE, two Sender...).",

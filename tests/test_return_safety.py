@@ -147,3 +147,27 @@ def test_names_that_are_not_utf8_or_very_long_are_set_aside_and_sent(linked, tmp
     wait_for(lambda: not os.listdir(relay.returns()), what="the return directory to be emptied")
     kept = [p for p in (relay.root / "var" / "archive" / "returns").rglob("*") if p.is_file()]
     assert sorted(p.suffix for p in kept) == [".pdf", ".xml"]  # both taken, under names that fit
+
+
+_CATALOG = b"<< /Type /Catalog /Pages 2 0 R >>"
+#: a link that runs JavaScript when the document opens: the JavaScript rule, by another door
+URI_JS_PDF = PDF.replace(_CATALOG, b"<< /Type /Catalog /Pages 2 0 R /OpenAction << /S /URI /URI (javascript:app.alert(1)) >> >>")
+#: a program inside the PDF, and an embedded PDF opened (with whatever JavaScript it holds) by a /GoToE action
+EXE_PDF = pdf_bytes(["facture"], padding=b"MZ\x90\x00" * 64).replace(
+    _CATALOG, b"<< /Type /Catalog /Pages 2 0 R /Names << /EmbeddedFiles << /Names [(facture.exe) "
+              b"<< /Type /Filespec /F (facture.exe) /EF << /F 6 0 R >> >>] >> >> >>")
+GOTOE_PDF = PDF.replace(_CATALOG, b"<< /Type /Catalog /Pages 2 0 R /OpenAction << /S /GoToE /T << /R /C /N (x.pdf) >> >> >>")
+
+
+def test_pdf_attachments_with_script_links_or_embedded_files_are_refused(relay):
+    numero = "A-1-EMBEDDED1"  # no dossier needed: attachments are checked first
+    drop(relay, numero, "recu", attachments={"lien.pdf": URI_JS_PDF}, name="uri.xml")
+    drop(relay, numero, "recu", attachments={"facture.pdf": EXE_PDF}, name="embedded.xml")
+    drop(relay, numero, "recu", attachments={"ouvre.pdf": GOTOE_PDF}, name="gotoe.xml")
+    wait_for(lambda: len(relay.rejected()) >= 3, what="3 refusals")
+    by_drop = {r["drop"]: (r["code"], r["message"]) for r in relay.rejected()}
+    assert by_drop == {
+        "uri.xml": ("attachment_active_content", "'lien.pdf' carries a javascript: link."),
+        "embedded.xml": ("attachment_active_content", "'facture.pdf' carries /EmbeddedFiles."),
+        "gotoe.xml": ("attachment_active_content", "'ouvre.pdf' carries /GoToE."),
+    }

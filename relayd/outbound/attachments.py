@@ -1,8 +1,9 @@
 """What a return attachment holds, checked with real parsers before it reaches the platform.
 
 A name and a magic number prove little: ``%PDF-`` followed by HTML is a web page that a
-browser will run. A PDF must open with ``pypdf`` and carry no JavaScript and no launch
-action; an image must decode whole with Pillow, in the format its name says.
+browser will run. A PDF must open with ``pypdf`` and carry no JavaScript, no launch action,
+no script link and no embedded file; an image must decode whole with Pillow, in the format its
+name says, and end where its image ends.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from relayd.rejections import Reason, Rejection
 
 #: markers that make a browser take the bytes for a web page, whatever they start with
 _HTML_MARKERS = (b"<html", b"<!doctype", b"<head", b"<body", b"<script", b"<iframe", b"<svg", b"<meta")
-#: PDF names that run code or programs: JavaScript actions and name trees, launch actions, and the two
-#: containers that carry scripts of their own (XFA forms, rich media)
-_ACTIVE_NAMES = frozenset({"/JS", "/JavaScript", "/Launch", "/XFA", "/RichMedia", "/RichMediaExecute"})
-_RAW_ACTIVE_NAMES = _ACTIVE_NAMES - {"/JS", "/XFA"}
+#: PDF names that run code or programs: JavaScript actions and name trees, launch actions, the two
+#: containers that carry scripts of their own (XFA forms, rich media), and embedded files, which relayd
+#: cannot check: an embedded PDF runs its own JavaScript once a /GoToE action opens it, and an embedded
+#: program is one click from running
+_ACTIVE_NAMES = frozenset({"/JS", "/JavaScript", "/Launch", "/XFA", "/RichMedia", "/RichMediaExecute",
+                           "/EmbeddedFile", "/EmbeddedFiles", "/EF", "/FileAttachment", "/GoToE"})
+_RAW_ACTIVE_NAMES = _ACTIVE_NAMES - {"/JS", "/XFA", "/EF"}
+#: URI schemes that run a script or open a local file or program rather than a web page
+_ACTIVE_URI = re.compile(r"\s*(javascript|vbscript|data|file):", re.IGNORECASE)
 #: a PDF name token in the raw bytes; ``#xx`` escapes are decoded before comparing
 _NAME_TOKEN = re.compile(rb"/[^\s/\[\]()<>{}%]+")
 _MAX_PDF_OBJECTS = 100_000
@@ -73,7 +79,7 @@ def _decode_name(token: bytes) -> str:
 
 def _active_content(reader) -> str | None:
     """Walk every object reachable from the trailer (object streams included); name the first active one."""
-    from pypdf.generic import ArrayObject, DictionaryObject, IndirectObject
+    from pypdf.generic import ArrayObject, DictionaryObject, IndirectObject, NameObject
 
     stack: list[object] = [reader.trailer]
     seen: set[tuple[int, int]] = set()
@@ -91,13 +97,24 @@ def _active_content(reader) -> str | None:
             for key, value in obj.items():
                 if str(key) in _ACTIVE_NAMES:
                     return str(key)
-                if str(key) == "/S" and str(value) in _ACTIVE_NAMES:
-                    return f"an action of type {value}"
+                if isinstance(value, NameObject) and str(value) in _ACTIVE_NAMES:  # /S /GoToE, /Type /EmbeddedFile...
+                    return f"an action of type {value}" if str(key) == "/S" else f"{key} {value}"
+                if str(key) == "/URI" and (scheme := _active_uri(value)):
+                    return f"a {scheme}: link"
                 if str(key) not in ("/Parent", "/P"):  # back links: reached from above anyway
                     stack.append(value)
         elif isinstance(obj, ArrayObject):
             stack.extend(obj)
     return None
+
+
+def _active_uri(value: object) -> str | None:
+    """The scheme of a URI action's target when it runs a script or opens a local file, else None."""
+    target = value.get_object() if hasattr(value, "get_object") else value
+    if isinstance(target, bytes):
+        target = target.decode("latin-1")
+    found = _ACTIVE_URI.match(target) if isinstance(target, str) else None
+    return found.group(1).lower() if found else None
 
 
 def check_image(name: str, content: bytes, expected: str) -> None:
