@@ -23,6 +23,15 @@ def temp_name(final_name: str) -> str:
     return f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{final_name}.tmp"
 
 
+def shown_name(name: str) -> str:
+    """A file name someone else chose, as text that JSON, the ledger and the log can hold.
+
+    A name that is not UTF-8 (Latin-1 "reçu.xml") reaches Python with surrogates, which no
+    UTF-8 encoder takes; its other bytes are shown as ``\\xNN``.
+    """
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a creation inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

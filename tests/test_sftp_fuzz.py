@@ -41,6 +41,8 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from conftest import REAL_PACKAGE, paramiko_client
+from relayd.testkit.broken import build_broken
+from relayd.testkit.samples import SampleSpec
 
 FXF_WRITE_CREAT_TRUNC = 0x02 | 0x08 | 0x10
 
@@ -205,3 +207,36 @@ def test_nul_and_invalid_utf8_paths_never_show_internal_text(relay, path):
     finally:
         client.close()
         client.get_channel().get_transport().close()
+
+
+def _upload(client: paramiko.SFTPClient, name: bytes, data: bytes) -> str:
+    """Open, write and close ``name`` as raw bytes; the text of the answer to the close ("" for OK)."""
+    _, msg = client._request(CMD_OPEN, name, FXF_WRITE_CREAT_TRUNC, SFTPAttributes())
+    handle = msg.get_binary()
+    client._request(CMD_WRITE, handle, int64(0), data)
+    t, text = _answer(client, client._async_request(type(None), CMD_CLOSE, handle))
+    assert t == CMD_STATUS
+    return text
+
+
+def test_a_package_named_in_latin1_gets_its_real_outcome(relay):
+    # SFTP v3 names are bytes: a client in Windows-1252 sends "reçu.zip" as re\xe7u.zip. The name went into
+    # the ledger and the quarantine's reason file as it was, which UTF-8 cannot encode: an accepted package
+    # reached the inbox while the client heard "not kept; send it again", and a refused one was "kept and
+    # processed again" until it became an internal error that could not be written either.
+    broken = build_broken("document-missing", SampleSpec(numero="A-1-MISSING01"))
+    client = paramiko_client(relay)
+    try:
+        assert _upload(client, b"re\xe7u.zip", REAL_PACKAGE.read_bytes()) == ""
+        refused = _upload(client, b"cass\xe9.zip", broken)
+    finally:
+        client.close()
+        client.get_channel().get_transport().close()
+    assert refused.startswith("refused (member_missing): ")
+    rows = relay.ledger_rows("SELECT outcome, upload_name FROM packages ORDER BY id")
+    assert rows == [{"outcome": "accepted", "upload_name": "re\\xe7u.zip"},
+                    {"outcome": "rejected", "upload_name": "cass\\xe9.zip"}]
+    (reason,) = relay.quarantined()
+    assert reason["code"] == "member_missing" and reason["upload_name"] == "cass\\xe9.zip"
+    assert len(list(relay.inbox("90017").iterdir())) == 1
+    assert list((relay.root / "var" / "staging").iterdir()) == []

@@ -36,7 +36,7 @@ import structlog
 
 from relayd.config import Config
 from relayd.events import NO_EVENTS, Events, PackageAccepted, PackageRejected
-from relayd.fsutil import clone_or_copy, ensure_dir, fsync_dir, publish_file, write_durably
+from relayd.fsutil import clone_or_copy, ensure_dir, fsync_dir, publish_file, shown_name, write_durably
 from relayd.inbound.handoff import hand_over
 from relayd.inbound.routing import route_commune
 from relayd.ledger import DuplicatePackage, Ledger, PackageRecord, utcnow
@@ -58,7 +58,13 @@ class Upload:
 
     account: str
     peer: str
+    #: the name as the client sent it (the drop folder's name for the file)
     name: str
+
+    @property
+    def shown(self) -> str:
+        """The name for the ledger, the quarantine's reason file and the log: a client's odd bytes as ``\\xNN``."""
+        return shown_name(self.name)
 
 
 @dataclass(frozen=True)
@@ -187,7 +193,7 @@ class Intake:
             staged = self.stage(uploaded, upload)
         except OSError as exc:
             disk = exc.errno in DISK_ERRNOS
-            log.error("intake.stage_failed", account=upload.account, peer=upload.peer, upload=upload.name,
+            log.error("intake.stage_failed", account=upload.account, peer=upload.peer, upload=upload.shown,
                       error=exc.strerror or type(exc).__name__, effect="the client is told to send it again")
             uploaded.unlink(missing_ok=True)
             if disk:
@@ -271,7 +277,7 @@ class Intake:
 
     def _process(self, staged: Path) -> Outcome:
         upload = self._upload_of(staged)
-        bound = log.bind(account=upload.account, peer=upload.peer, upload=upload.name)
+        bound = log.bind(account=upload.account, peer=upload.peer, upload=upload.shown)
         package: Package | None = None
         # The archive's own copy is written while the package is verified: the copy waits on the disk,
         # verification on the CPU, and a large package would otherwise pay for both in turn.
@@ -429,7 +435,7 @@ class Intake:
         sha256 = file_sha256(staged) if staged.exists() else ""
         size = staged.stat().st_size if staged.exists() else 0
         record = PackageRecord(
-            sha256=sha256, size=size, account=upload.account, peer=upload.peer, upload_name=upload.name,
+            sha256=sha256, size=size, account=upload.account, peer=upload.peer, upload_name=upload.shown,
             message_id=envelope.message_id if envelope else None,
             numero=envelope.numero if envelope else None,
             demarche=envelope.demarche if envelope else None,
@@ -438,7 +444,7 @@ class Intake:
         reason_file = {
             **rejection.as_dict(),
             "received_at": when.isoformat(timespec="seconds"),
-            "upload_name": upload.name,
+            "upload_name": upload.shown,
             "account": upload.account,
             "peer": upload.peer,
             "sha256": sha256,
@@ -465,7 +471,7 @@ class Intake:
     def quarantine_partial(self, uploaded: Path, upload: Upload, rejection: Rejection) -> Outcome:
         """Quarantine a file that never became a committed package (e.g. it outgrew the size limit)."""
         staged = self.stage(uploaded, upload)
-        bound = log.bind(account=upload.account, peer=upload.peer, upload=upload.name)
+        bound = log.bind(account=upload.account, peer=upload.peer, upload=upload.shown)
         return self._reject(staged, upload, rejection, None, bound)
 
     # -- helpers ---------------------------------------------------------------------
@@ -550,7 +556,7 @@ class IntakeRetries:
 
 def _record(package: Package, upload: Upload) -> PackageRecord:
     return PackageRecord(
-        sha256=package.sha256, size=package.size, account=upload.account, peer=upload.peer, upload_name=upload.name,
+        sha256=package.sha256, size=package.size, account=upload.account, peer=upload.peer, upload_name=upload.shown,
         message_id=package.message_id, numero=package.numero, demarche=package.demarche, insee=package.insee,
     )
 

@@ -40,7 +40,7 @@ import structlog
 
 from relayd import dossiers
 from relayd.config import Commune, Config, Returns
-from relayd.fsutil import ensure_dir, fsync_dir, resolve_gid, temp_name, write_durably
+from relayd.fsutil import ensure_dir, fsync_dir, resolve_gid, shown_name, temp_name, write_durably
 from relayd.ledger import Ledger
 from relayd.outbound.attachments import check_content
 from relayd.outbound.dropfiles import TakenFile, read_regular, set_aside_name, take
@@ -478,15 +478,6 @@ def _stamp() -> str:
 #: it is written under fits in the 255 bytes most file systems allow
 _MAX_KEPT_NAME_BYTES = 255 - len(temp_name(".reason.json"))
 _KEPT_SUFFIX_CHARS = 16
-
-
-def shown_name(name: str) -> str:
-    """A name from the return directory as text that JSON, the ledger and the log can hold.
-
-    The business software chooses the bytes: a name that is not UTF-8 (Latin-1 "reçu.xml")
-    reaches Python with surrogates, which no UTF-8 encoder takes; its bytes are shown as ``\\xNN``.
-    """
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def aside_name(stamp: str, name: str) -> str:
