@@ -171,3 +171,24 @@ def test_pdf_attachments_with_script_links_or_embedded_files_are_refused(relay):
         "embedded.xml": ("attachment_active_content", "'facture.pdf' carries /EmbeddedFiles."),
         "gotoe.xml": ("attachment_active_content", "'ouvre.pdf' carries /GoToE."),
     }
+
+
+def _with_unreferenced_object_stream(pdf: bytes, hidden: bytes) -> bytes:
+    """``pdf`` with a compressed object stream that no cross-reference names, holding ``hidden`` as object 6."""
+    import zlib
+
+    body = zlib.compress(b"6 0 " + hidden)
+    extra = (b"7 0 obj\n<< /Type /ObjStm /N 1 /First 4 /Filter /FlateDecode /Length %d >>\nstream\n" % len(body)
+             + body + b"\nendstream\nendobj\n")
+    head, tail = pdf.split(b"xref\n", 1)
+    return head + extra + b"xref\n" + tail.rsplit(b"startxref\n", 1)[0] + b"startxref\n%d\n%%%%EOF\n" % (len(head) + len(extra))
+
+
+def test_a_launch_action_compressed_where_no_reference_reaches_is_refused(relay):
+    # The raw scan looks for actions in objects the cross-reference does not reach (a viewer that rebuilds the
+    # table finds them), but could not read inside a compressed object stream; the object walk never gets there.
+    hidden = _with_unreferenced_object_stream(PDF, b"<< /Type /Catalog /Pages 2 0 R /OpenAction << /S /Launch /F (cmd.exe) >> >>")
+    drop(relay, "A-1-OBJSTREAM1", "recu", attachments={"cache.pdf": hidden}, name="objstm.xml")
+    wait_for(lambda: relay.rejected(), what="a refusal")
+    (reason,) = relay.rejected()
+    assert (reason["code"], reason["message"]) == ("attachment_active_content", "'cache.pdf' carries /Launch.")

@@ -8,6 +8,7 @@ name says, and end where its image ends.
 
 from __future__ import annotations
 
+import bisect
 import io
 import logging
 import re
@@ -64,7 +65,7 @@ def check_pdf(name: str, content: bytes) -> None:
             raise Rejection(Reason.ATTACHMENT_UNREADABLE, f"{name!r} is an encrypted PDF, which cannot be checked.")
         if len(reader.pages) < 1:
             raise Rejection(Reason.ATTACHMENT_UNREADABLE, f"{name!r} is a PDF without pages.")
-        found = _active_content(reader)
+        found = _active_content(reader) or _hidden_in_object_streams(reader, content)
     except Rejection:
         raise
     except Exception as exc:  # noqa: BLE001 - pypdf raises many kinds for a broken file
@@ -75,6 +76,33 @@ def check_pdf(name: str, content: bytes) -> None:
 
 def _decode_name(token: bytes) -> str:
     return re.sub(rb"#([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), token).decode("latin-1")
+
+
+#: where an indirect object starts in the raw bytes: "12 0 obj"
+_OBJECT_START = re.compile(rb"\d+\s+\d+\s+obj\b\s*")
+
+
+def _hidden_in_object_streams(reader, content: bytes) -> str | None:
+    """The first active name inside any object stream of the file, reachable or not.
+
+    The raw scan cannot read inside compressed object streams, and the object walk sees only what
+    the cross-reference reaches: an object stream nothing refers to is found where it starts, and
+    decoded as a viewer rebuilding the table would decode it.
+    """
+    from pypdf.generic import StreamObject, read_object
+
+    starts = [m.end() for m in _OBJECT_START.finditer(content)]
+    streams = {starts[i - 1] for token in _NAME_TOKEN.finditer(content) if _decode_name(token.group()) == "/ObjStm"
+               if (i := bisect.bisect_right(starts, token.start())) > 0}
+    for start in sorted(streams):
+        reader.stream.seek(start)
+        obj = read_object(reader.stream, reader)
+        if not isinstance(obj, StreamObject):
+            continue
+        for token in _NAME_TOKEN.findall(obj.get_data()):
+            if _decode_name(token) in _RAW_ACTIVE_NAMES:
+                return _decode_name(token)
+    return None
 
 
 def _active_content(reader) -> str | None:
