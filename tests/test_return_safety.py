@@ -192,3 +192,15 @@ def test_a_launch_action_compressed_where_no_reference_reaches_is_refused(relay)
     wait_for(lambda: relay.rejected(), what="a refusal")
     (reason,) = relay.rejected()
     assert (reason["code"], reason["message"]) == ("attachment_active_content", "'cache.pdf' carries /Launch.")
+
+
+def test_an_attachment_name_too_long_for_a_file_is_a_status_error(relay):
+    # 200 "é" and ".pdf" are 204 characters, within the XSD's 255, but 404 bytes: no file can have that name,
+    # and looking for it beside the status file failed inside relayd (internal_error, with a traceback).
+    name = "é" * 200 + ".pdf"
+    raw = _status("A-1-LONGNAME1", "a.pdf").replace(b"a.pdf", name.encode())
+    drop(relay, "A-1-LONGNAME1", "recu", raw=raw, name="long-attachment.xml")
+    wait_for(lambda: relay.rejected(), what="a refusal")
+    (reason,) = relay.rejected()
+    assert reason["code"] == "status_invalid", reason
+    assert "is 404 bytes long in UTF-8; a file name holds at most 255" in reason["message"]

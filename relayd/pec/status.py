@@ -42,6 +42,8 @@ STATUT_VERSION = "1"
 MAX_COMMENT_CHARS = 4000
 MAX_TITLE_CHARS = 255
 MAX_FILE_NAME_CHARS = 255
+#: what file systems count: 255 "é" pass the XSD's 255 characters but name no file that can exist
+MAX_FILE_NAME_BYTES = 255
 
 XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>\n'
 
@@ -75,6 +77,9 @@ class StatusAttachment(_Statut, tag="PieceJointe"):
     def _plain_name(cls, value: str) -> str:
         if len(value) > MAX_FILE_NAME_CHARS or not _PLAIN_FILE_NAME.fullmatch(value):
             raise ValueError(f"Fichier {_quote(value)} {STATUS_HINTS['Fichier']}")
+        if len(value.encode("utf-8")) > MAX_FILE_NAME_BYTES:
+            raise ValueError(f"Fichier {_quote(value)} is {len(value.encode('utf-8'))} bytes long in UTF-8; "
+                             f"a file name holds at most {MAX_FILE_NAME_BYTES}")
         return value
 
     @field_validator("title")
