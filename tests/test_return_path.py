@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import shutil
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -569,3 +570,32 @@ def test_returns_for_unknown_dossiers_when_the_commune_allows_them(make_relay, p
         StatusFile(numero="A-1-UNKNOWN1", state="recu", demarche="recensementCitoyen", comment="encore")))
     wait_for(lambda: len(relay.rejected()) == 2, what="the second refusal")
     assert relay.rejected()[1]["code"] == "transition_invalid"
+
+
+def test_a_drop_that_cannot_be_set_aside_holds_back_no_other(linked, tmp_path):
+    """The rejected folder is unusable: the refused drop waits in place and is tried again; the others go on."""
+    relay, platform = linked
+    dossiers = specs(2, seed=47)
+    push(relay, dossiers, tmp_path)
+    wait_received(platform, 2)
+    rejected = relay.returns().parent / "rejected"
+    shutil.rmtree(rejected)
+    rejected.write_text("a file where the rejected folder should be")  # nothing can be set aside
+    staging = tmp_path / "staging-batch"
+    staging.mkdir()
+    unknown = staging / "A-1-NOSUCHONE-recu.xml"  # refused: relayd never saw this dossier
+    unknown.write_bytes(write_status_file(StatusFile(numero="A-1-NOSUCHONE", state="recu")))
+    os.utime(unknown, (1_000_000_000, 1_000_000_000))  # the oldest, so the first of its batch
+    for spec in dossiers:
+        (staging / f"{spec.numero}-recu.xml").write_bytes(write_status_file(StatusFile(numero=spec.numero, state="recu")))
+    for path in sorted(staging.iterdir()):
+        os.rename(path, relay.returns() / path.name)
+    retours = [r for r in wait_received(platform, 4) if r.kind == "Retour"]
+    assert sorted(r.retour.numero for r in retours) == sorted(s.numero for s in dossiers)
+    assert [p.name for p in relay.returns().iterdir()] == [unknown.name]
+    assert '"returns.drop_failed"' in relay.log_text()
+    rejected.unlink()
+    rejected.mkdir()
+    wait_for(lambda: relay.rejected(), timeout=60, what="the refused drop set aside once the folder is back")
+    assert relay.rejected()[0]["code"] == "dossier_unknown"
+    assert list(relay.returns().iterdir()) == []

@@ -525,18 +525,28 @@ def _forwarded_name(drop: _Drop, demarche: str) -> str:
     return f"relayd.{stamp}.{drop.numero}-{demarche}.Retour.{drop.sha256[:12]}.zip"
 
 
+#: the longest wait before a drop that failed for a reason of relayd's own is tried again
+MAX_RETRY_SECONDS = 3600.0
+
+
 async def watch_returns(watcher: DropWatcher, drops: ReturnDrops) -> None:
     """Process drops as the watcher finds them, until cancelled."""
+    failures: dict[Path, int] = {}
     while True:
         try:
-            await _process_batch(watcher, drops)
+            await _process_batch(watcher, drops, failures)
         except Exception as exc:  # noqa: BLE001 - the watcher outlives any one surprise
             log.exception("returns.batch_failed", error=type(exc).__name__)
             await asyncio.sleep(watcher.rescan_seconds)
 
 
-async def _process_batch(watcher: DropWatcher, drops: ReturnDrops) -> None:
-    """Wait for complete drops and process them, oldest first."""
+async def _process_batch(watcher: DropWatcher, drops: ReturnDrops, failures: dict[Path, int]) -> None:
+    """Wait for complete drops and process them, oldest first.
+
+    A drop whose processing fails for a reason that is not its own (its refusal cannot be set
+    aside, the archive cannot take it) stays where it is and is offered again after a wait that
+    doubles up to :data:`MAX_RETRY_SECONDS`; the drops after it in the batch go on meanwhile.
+    """
     batch = await watcher.next_batch()
     for i, path in enumerate(batch):
         commune = drops.commune_for(path.parent)
@@ -544,6 +554,16 @@ async def _process_batch(watcher: DropWatcher, drops: ReturnDrops) -> None:
             continue
         # A drop later in this batch, or one still settling, may be the step this one needs first.
         others = watcher.waiting_in(path.parent, path) or any(p.parent == path.parent for p in batch[i + 1:])
-        outcome = await asyncio.to_thread(drops.process, path, commune, others_waiting=others)
+        try:
+            outcome = await asyncio.to_thread(drops.process, path, commune, others_waiting=others)
+        except Exception as exc:  # noqa: BLE001 - one drop's trouble must not hold back the others
+            tries = failures[path] = failures.get(path, 0) + 1
+            wait = min(MAX_RETRY_SECONDS, watcher.rescan_seconds * 2 ** (tries - 1))
+            log.exception("returns.drop_failed", commune=commune.insee, drop=shown_name(path.name),
+                          error=type(exc).__name__, tries=tries, retry_in=round(wait, 1),
+                          effect="the drop stays in the return directory and is tried again")
+            watcher.release(path, after=wait)
+            continue
+        failures.pop(path, None)
         if outcome.status == "deferred":
             watcher.release(path, after=max(watcher.settle_seconds, 0.5))
