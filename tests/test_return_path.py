@@ -23,15 +23,24 @@ from lxml import etree
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from conftest import REAL_MOTDEPASSE, REAL_PACKAGE, paramiko_client, sftp_put, wait_for
+from conftest import REAL_MOTDEPASSE, REAL_PACKAGE, paramiko_client, paramiko_put, sftp_put, wait_for
 from platform_sshd import PlatformSshd, make_client_key, platform_sshd_fixture  # noqa: F401 - registers the fixture
 from relayd.dossiers import LABELS as STATE_LABELS
 from relayd.pec.envelope import read_envelope
 from relayd.pec.replies import Reply, read_reply
 from relayd.pec.status import StatusAttachment, StatusFile, write_status_file
 from relayd.pec.xml import load_schema, parse_xml
+from relayd.rejections import Reason
 from relayd.testkit.broken import build_broken
-from relayd.testkit.samples import SampleSpec, build_package, package_filename, pdf_bytes, random_numero
+from relayd.testkit.samples import (
+    SampleSpec,
+    build_members,
+    build_package,
+    package_filename,
+    pdf_bytes,
+    random_numero,
+    write_zip,
+)
 
 REAL_NUMERO = "A-9-X3UGO4V7"
 REAL_MESSAGE_ID = "A-9-X3UGO4V7 5808773 Principal 2019-04-03T16:26:40"
@@ -198,6 +207,44 @@ def test_readable_rejected_envelope_gets_an_anl_with_the_reason(linked, tmp_path
     assert anl.ack.numero == "A-1-MISSING01"
     assert_valid_against_schemas((platform.incoming / published(platform)[0]).read_bytes())
     assert [r["kind"] for r in relay.outbox()] == ["ANL"]
+
+
+def _routing_edited(spec: SampleSpec, old: str, new: str, *, in_ack_to: bool) -> bytes:
+    """``spec``'s package with one edit to message.xml's Routing (in ``AckTo`` when ``in_ack_to``)."""
+    members = build_members(spec)
+    xml = members["message.xml"].decode("utf-8")
+    start = xml.index("<ns2:AckTo>") if in_ack_to else xml.index("<ns2:Routing>")
+    edited = xml[:start] + xml[start:].replace(old, new, 1)
+    assert edited != xml
+    members["message.xml"] = edited.encode("utf-8")
+    return write_zip(members, date_time=spec.zip_date_time)
+
+
+@pytest.mark.parametrize("old, new, in_ack_to", [
+    # Each is well-formed, passes every check on values, and is copied into the reply's Routing,
+    # where the schema every reply must pass refuses it: no AVL, ANL or Retour could ever be built.
+    ("<ns2:Service>", '<ns2:Service role="x">', True),                      # an attribute
+    ("</ns2:Country>", '</ns2:Country><Note xmlns="">x</Note>', True),        # an element of no namespace
+    ("<ns2:Guichet>", '<ns2:Guichet xsi:nil="true">', True),                 # xsi:nil where it is not nillable
+    ('xsi:type="ns2:Location_FR"', 'xsi:type="ns2:Elsewhere"', True),        # a type the schema does not know
+    ("<ns2:MessageId>", '<ns2:MessageId lang="fr">', False),                 # outside AckTo too
+], ids=["attribute", "no-namespace-element", "xsi-nil", "unknown-xsi-type", "message-id-attribute"])
+def test_a_routing_no_reply_can_carry_is_refused_not_retried_for_ever(make_relay, tmp_path, old, new, in_ack_to):
+    relay = make_relay(intake={"initial_seconds": 0.2, "max_seconds": 0.5, "max_attempts": 2})
+    spec = SampleSpec(numero="A-9-NOREPLY1", demarche="recensementCitoyen", insee="90017")
+    local = tmp_path / "p.zip"
+    local.write_bytes(_routing_edited(spec, old, new, in_ack_to=in_ack_to))
+    # Before: the AVL failed to build after the hand-over was decided, intake took it for its own
+    # fault ("internal error ... kept"), and the ANL of the internal_error failed the same way:
+    # the package stayed in staging, retried for ever, neither delivered nor refused.
+    with pytest.raises(OSError, match=Reason.ENVELOPE_INVALID.value):
+        paramiko_put(relay, local, "p.zip", style="rename")
+    (entry,) = relay.quarantined()
+    assert entry["code"] == Reason.ENVELOPE_INVALID.value and "Routing" in entry["message"]
+    assert entry["numero"] == spec.numero
+    assert not any(relay.inbox("90017").iterdir())
+    assert not list((relay.root / "var" / "staging").glob("*.zip"))
+    assert relay.outbox() == []  # no ANL: no reply could carry this Routing
 
 
 def test_no_ack_when_the_envelope_does_not_ask(linked, tmp_path):

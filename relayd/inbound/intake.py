@@ -42,6 +42,7 @@ from relayd.inbound.routing import route_commune
 from relayd.ledger import DuplicatePackage, Ledger, PackageRecord, utcnow
 from relayd.pec.envelope import Message
 from relayd.pec.package import Package, file_sha256, inspect_package
+from relayd.pec.replies import check_answerable
 from relayd.rejections import Reason, Rejection
 
 log = structlog.get_logger("relayd.intake")
@@ -286,6 +287,8 @@ class Intake:
             try:
                 package = inspect_package(staged, self.config.limits)
                 bound = bound.bind(numero=package.numero, demarche=package.demarche, insee=package.insee)
+                # Before anything is decided: a dossier relayd could never answer (AVL, ANL, Retour) is refused.
+                check_answerable(package.message.header.routing)
                 self._route(package, upload)
                 outcome = self._accept(staged, package, upload, bound, copy)
             except Rejection as rejection:

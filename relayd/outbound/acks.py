@@ -28,7 +28,7 @@ from relayd.outbound.outbox import Outbox, Queued
 from relayd.outbound.returns import ReturnDrops
 from relayd.pec.envelope import NUMERO_PATTERN, Message, Routing
 from relayd.pec.package import Package
-from relayd.pec.replies import ReplyPackage, build_ack
+from relayd.pec.replies import ReplyInvalid, ReplyPackage, build_ack
 from relayd.rejections import Rejection
 
 log = structlog.get_logger("relayd.acks")
@@ -92,6 +92,11 @@ class Acknowledger:
         except Rejection as why:
             log.warning("acks.not_addressable", kind=kind, message_id=envelope.message_id, code=why.reason.value,
                         reason=why.detail)
+            return None
+        except ReplyInvalid as why:
+            # Intake refuses such a Routing (check_answerable), so this is the ANL of that refusal: it
+            # cannot be built either, and failing here would leave the package staged, retried for ever.
+            log.error("acks.not_buildable", kind=kind, message_id=envelope.message_id, reason=str(why)[:600])
             return None
         return OwedAck(self.outbox, reply, Queued(kind=kind, numero=numero, ref_message_id=envelope.message_id,
                                                   source="intake"))

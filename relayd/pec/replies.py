@@ -338,6 +338,42 @@ class Reply:
 # ----------------------------------------------------------------------------- building
 
 
+class ReplyInvalid(ValueError):
+    """A reply that the schemas refuse: it must not leave. ``problems`` says what is wrong, one sentence each."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(f"this reply would not be valid: {'; '.join(self.problems)}")
+
+
+#: any fixed moment: :func:`check_answerable` builds a reply only to see whether the schemas take it
+_CHECK_MOMENT = datetime(2000, 1, 1).astimezone()
+
+
+def check_answerable(original: Routing) -> None:
+    """Refuse a Routing that no reply could carry (``Rejection(envelope_invalid)``).
+
+    Every reply (AVL, ANL, Retour) copies the Routing as received, and must pass
+    ``schemas/pec-envelope.xsd`` before it leaves; the incoming envelope is read tolerantly and
+    never validated. So an attribute, an element of no namespace, an ``xsi:nil`` or an unknown
+    ``xsi:type`` in the Routing would let a dossier in that relayd could never answer: intake
+    must refuse it up front, not fail to build its ack after deciding. A Routing that names no one
+    to answer is not refused here (no reply is built for it at all).
+    """
+    try:
+        build_ack(original, kind="AVL", numero=None, demarche=None, now=_CHECK_MOMENT)
+    except Rejection:
+        return
+    except ReplyInvalid as exc:
+        # Lines are the reply's, not message.xml's: leave them out. Bounded, since values may be quoted.
+        said = "; ".join(re.sub(r"^line \d+: ", "", p)[:200] for p in exc.problems[:3])
+        raise Rejection(
+            Reason.ENVELOPE_INVALID,
+            f"message.xml's Routing holds what no reply can carry, so relayd could never answer this dossier "
+            f"(the reply's schema, pec-envelope.xsd, says: {said}).",
+        ) from None
+
+
 def new_message_id(numero: str | None, kind: str, now: datetime, *, token: str | None = None) -> str:
     """A MessageId in the style of the platform's ("A-9-X3UGO4V7 5808773 Principal 2019-04-03T16:26:40").
 
@@ -664,7 +700,7 @@ def _message_xml(routing: etree._Element, body: AckBody | RetourBody, moment: da
     data = _XML_DECLARATION + etree.tostring(root, encoding="UTF-8", xml_declaration=False, pretty_print=True)
     problems = explain_schema_errors(load_schema(ENVELOPE_XSD), etree.fromstring(data), hints=REPLY_HINTS)
     if problems:
-        raise ValueError(f"this reply would not be valid: {'; '.join(problems)}")
+        raise ReplyInvalid(problems)
     return data
 
 
