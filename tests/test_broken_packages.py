@@ -9,7 +9,7 @@ import pytest
 from conftest import paramiko_put, sftp_put
 from relayd.rejections import Reason
 from relayd.testkit.broken import BROKEN_KINDS, build_broken
-from relayd.testkit.samples import SampleSpec, build_package, package_filename
+from relayd.testkit.samples import SampleSpec, build_members, build_package, package_filename, write_zip
 
 SMALL_LIMITS = {"max_package_bytes": 2 * 1024 * 1024}
 
@@ -109,3 +109,35 @@ def test_reason_file_is_readable_by_people_and_programs(make_relay, tmp_path):
     assert len(data["sha256"]) == 64
     # The XXE target was never read into anything relayd wrote.
     assert "root:" not in reason_path.read_text() and "root:" not in relay.log_text()
+
+
+def test_single_line_values_refuse_every_unicode_control_and_invisible_character(make_relay, tmp_path):
+    """NEL and the other C1 controls, bidi overrides and zero-width characters are refused like CR and LF.
+
+    They were let through: the check knew only C0 controls and U+2028/U+2029. NEL (U+0085) is a
+    line break to Unicode-aware readers (Python's splitlines, XML 1.1), CSI (U+009B) starts a
+    terminal escape sequence, and a bidi override makes a mail subject or a log line read
+    otherwise than it is; all reached the log, the reason file, the ANL and the agents' mail.
+    """
+    relay = make_relay()
+    cases = {
+        "nel-message-id": ("Principal 2019", "Principal\u00852019"),
+        "csi-insee": ("<Valeur>90017</Valeur>", "<Valeur>90017\u009b2J</Valeur>"),
+        "rlo-subject": (" : dossier à traiter</ns2:Subject>", " : dossier \u202efdp.exe</ns2:Subject>"),
+        "zero-width-email": ("@example.org</Email>", "@exa\u200bmple.org</Email>"),
+    }
+    for i, (case, (old, new)) in enumerate(cases.items()):
+        spec = _spec(100 + i, message_id=f"A-1-BRKN{100 + i:04d} 5808773 Principal 2019-04-03T16:26:40")
+        members = build_members(spec)
+        xml = members["message.xml"].decode("utf-8")
+        assert old in xml, case
+        members["message.xml"] = xml.replace(old, new, 1).encode("utf-8")
+        local = tmp_path / f"{case}.zip"
+        local.write_bytes(write_zip(members, date_time=spec.zip_date_time))
+        with pytest.raises(OSError, match=Reason.ENVELOPE_UNSAFE_VALUE.value):
+            paramiko_put(relay, local, f"{case}.zip", style="rename")
+    reasons = relay.quarantined()
+    assert [q["code"] for q in reasons] == [Reason.ENVELOPE_UNSAFE_VALUE.value] * len(cases)
+    for q in reasons:  # the sentence names the element, never the value
+        assert not any(c in q["message"] for c in "\u0085\u009b\u202e\u200b"), q["message"]
+    assert not any(relay.inbox("90017").iterdir())

@@ -12,6 +12,7 @@ a mail header is a plain, single-line token (:func:`check_envelope_tree`). See
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import structlog
 from lxml import etree
@@ -319,7 +320,10 @@ _TOKENS = {"FlowType", "NumeroDemarche", "AckType", "WriteMode", "Siret", "Servi
 #: values (titles, the mail's body, an opaque Content) are passed on as they are.
 _SINGLE_LINE = _TOKENS | {"MessageId", "ConversationId", "Country", "Guichet", "Attention", "Subject", "From", "Email",
                           "Valeur", "Fichier", "FichierDonnees"}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+#: What no single-line value may hold, as for member names (relayd.pec.zipcheck): controls, C1 included
+#: (NEL is a line break to Unicode-aware readers, CSI starts a terminal escape), invisible format
+#: characters (bidi overrides, zero-width spaces) and the line and paragraph separators.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 MAX_VALUE_CHARS = 1000
 #: Known elements of the envelope's namespace; any other is tolerated and noted in the log.
 KNOWN_PEC_ELEMENTS = frozenset({
@@ -422,8 +426,9 @@ def _check_value(name: str, text: str, line: int | None) -> None:
     where = f"line {line}: <{name}>"
     if len(value) > MAX_VALUE_CHARS:
         raise Rejection(Reason.ENVELOPE_UNSAFE_VALUE, f"{where} is {len(value)} characters long; the limit is {MAX_VALUE_CHARS}.")
-    if _CONTROL.search(value):
-        raise Rejection(Reason.ENVELOPE_UNSAFE_VALUE, f"{where} holds a line break or a control character.")
+    if any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in value):
+        raise Rejection(Reason.ENVELOPE_UNSAFE_VALUE,
+                        f"{where} holds a line break, a control character or an invisible one (a bidi override...).")
     if name in _TOKENS and (not _TOKEN.fullmatch(value) or ".." in value):
         raise Rejection(
             Reason.ENVELOPE_UNSAFE_VALUE,
