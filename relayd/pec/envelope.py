@@ -12,7 +12,6 @@ a mail header is a plain, single-line token (:func:`check_envelope_tree`). See
 from __future__ import annotations
 
 import re
-import unicodedata
 
 import structlog
 from lxml import etree
@@ -20,6 +19,7 @@ from pydantic import PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_xml import BaseXmlModel, element
 
 from relayd.pec.xml import local_name
+from relayd.pec.zipcheck import has_unsafe_character
 from relayd.rejections import Reason, Rejection
 
 NS_PEC = "http://finances.gouv.fr/dgme/pec/message/v1"
@@ -320,10 +320,6 @@ _TOKENS = {"FlowType", "NumeroDemarche", "AckType", "WriteMode", "Siret", "Servi
 #: values (titles, the mail's body, an opaque Content) are passed on as they are.
 _SINGLE_LINE = _TOKENS | {"MessageId", "ConversationId", "Country", "Guichet", "Attention", "Subject", "From", "Email",
                           "Valeur", "Fichier", "FichierDonnees"}
-#: What no single-line value may hold, as for member names (relayd.pec.zipcheck): controls, C1 included
-#: (NEL is a line break to Unicode-aware readers, CSI starts a terminal escape), invisible format
-#: characters (bidi overrides, zero-width spaces) and the line and paragraph separators.
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 MAX_VALUE_CHARS = 1000
 #: Known elements of the envelope's namespace; any other is tolerated and noted in the log.
 KNOWN_PEC_ELEMENTS = frozenset({
@@ -426,7 +422,8 @@ def _check_value(name: str, text: str, line: int | None) -> None:
     where = f"line {line}: <{name}>"
     if len(value) > MAX_VALUE_CHARS:
         raise Rejection(Reason.ENVELOPE_UNSAFE_VALUE, f"{where} is {len(value)} characters long; the limit is {MAX_VALUE_CHARS}.")
-    if any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in value):
+    # What no member name may hold either (zipcheck.UNSAFE_CATEGORIES): controls, C1 included, and invisible ones.
+    if has_unsafe_character(value):
         raise Rejection(Reason.ENVELOPE_UNSAFE_VALUE,
                         f"{where} holds a line break, a control character or an invisible one (a bidi override...).")
     if name in _TOKENS and (not _TOKEN.fullmatch(value) or ".." in value):

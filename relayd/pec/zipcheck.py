@@ -422,6 +422,17 @@ def _check_entry_type(info: zipfile.ZipInfo, label: str) -> None:
         raise Rejection(Reason.ZIP_ENTRY_TYPE, f"{label}: folder {name!r} holds {info.file_size} bytes of data.")
 
 
+#: Unicode categories that no member name and no single-line envelope value may hold: controls (Cc: NUL,
+#: CR, LF, and C1 such as NEL, a line break to Unicode-aware readers, or CSI, a terminal escape), invisible
+#: format characters (Cf: bidi overrides, zero-width spaces, BOM), and the line and paragraph separators.
+UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def has_unsafe_character(text: str) -> bool:
+    """Whether ``text`` holds a character of :data:`UNSAFE_CATEGORIES`."""
+    return any(unicodedata.category(c) in UNSAFE_CATEGORIES for c in text)
+
+
 def check_member_name(name: str, *, label: str = "the package") -> None:
     """Refuse a member name that readers or file systems could take differently.
 
@@ -433,8 +444,7 @@ def check_member_name(name: str, *, label: str = "the package") -> None:
     if not name:
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: a member has an empty name.")
     shown = name.encode("unicode_escape").decode("ascii")
-    # Cc: control characters (NUL, CR, LF...); Cf: invisible ones (bidi overrides, zero-width spaces, BOM).
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+    if has_unsafe_character(name):
         raise Rejection(Reason.ZIP_NAME_INVALID, f"{label}: member name {shown!r} holds control characters.")
     posix = name.replace("\\", "/")
     if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":"):
