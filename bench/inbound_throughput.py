@@ -20,6 +20,7 @@ time. Durations are measured here and never asserted in tests.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import socket
@@ -118,16 +119,15 @@ def drop_page_cache() -> None:
     round would be slower than the last, and whoever writes more bytes would be charged for it
     rounds later. Without root, it does nothing and says so once.
     """
-    global _CACHE_NOTED
     try:
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
     except OSError:
-        if not _CACHE_NOTED:
-            print("note: not root, the page cache is not emptied between pushes", file=sys.stderr)
-            _CACHE_NOTED = True
+        _note_cache_kept()
 
 
-_CACHE_NOTED = False
+@functools.cache
+def _note_cache_kept() -> None:
+    print("note: not root, the page cache is not emptied between pushes", file=sys.stderr)
 
 
 def push(port: int, user: str, key: Path, local: Path, remote: str, cipher: str) -> float:
@@ -169,13 +169,11 @@ def main() -> int:
             base, base_port, base_inbox = start_relay(work, pubkey, args.baseline_tree.resolve(), "baseline")
             procs.append(base)
         ref_times, relay_times, base_times = [], [], []
-        sides = [("sshd", ref_times, lambda local, i: push(sshd_port, os.environ.get("USER", "root"), key_path, local,
-                                                          str(sshd_dest / f"pkg{i}.zip"), args.cipher), None),
-                 ("relayd", relay_times, lambda local, i: push(relay_port, "plateforme", key_path, local, f"pkg{i}.zip",
-                                                             args.cipher), inbox)]
+        # Each side: its times, port, user, the folder the file is put in ("" for the login's), its inbox.
+        sides = [(ref_times, sshd_port, os.environ.get("USER", "root"), f"{sshd_dest}/", None),
+                 (relay_times, relay_port, "plateforme", "", inbox)]
         if base_port is not None:
-            sides.append(("baseline", base_times, lambda local, i: push(base_port, "plateforme", key_path, local,
-                                                                      f"pkg{i}.zip", args.cipher), base_inbox))
+            sides.append((base_times, base_port, "plateforme", "", base_inbox))
         for i in range(args.rounds):
             # Each round is a distinct dossier, so that relayd does the whole job every time.
             spec = SampleSpec(numero=f"A-9-BENCH{i:04d}", demarche="recensementCitoyen", insee="90017",
@@ -184,8 +182,8 @@ def main() -> int:
             local.write_bytes(build_package(spec))
             # Each side takes its turn at going first: a virtual disk's write budget drains as a round
             # goes on, and a fixed order would charge that to whoever comes last.
-            for _name, times, send, side_inbox in sides[i % len(sides):] + sides[:i % len(sides)]:
-                times.append(send(local, i))
+            for times, port, user, folder, side_inbox in sides[i % len(sides):] + sides[:i % len(sides)]:
+                times.append(push(port, user, key_path, local, f"{folder}pkg{i}.zip", args.cipher))
                 if side_inbox is not None:
                     assert (side_inbox / f"{spec.numero}-recensementCitoyen.zip").stat().st_size == local.stat().st_size
             local.unlink()
@@ -197,14 +195,14 @@ def main() -> int:
         print(f"  ratio sshd/relayd          : {ref / rel:6.2f}   (target >= 0.90)")
         if base_times:
             old = statistics.median(base_times)
-            paired = statistics.median(b / t for b, t in zip(base_times, relay_times))
+            paired = statistics.median(b / t for b, t in zip(base_times, relay_times, strict=True))
             print(f"  baseline ({args.baseline_tree}) : {old:6.2f} s  {size / old:7.1f} MiB/s")
             print(f"  ratio sshd/baseline        : {ref / old:6.2f}")
             # Round by round, the two relays pushed the same package minutes apart at most: the
             # median of their ratios is steadier than the ratio of their medians.
             print(f"  baseline/relayd, paired    : {paired:6.2f}   (above 1: this checkout is faster)")
-            print(f"  rounds sshd/relayd         : {' '.join(f'{r / t:.2f}' for r, t in zip(ref_times, relay_times))}")
-            print(f"  rounds sshd/baseline       : {' '.join(f'{r / b:.2f}' for r, b in zip(ref_times, base_times))}")
+            print(f"  rounds sshd/relayd         : {' '.join(f'{r / t:.2f}' for r, t in zip(ref_times, relay_times, strict=True))}")
+            print(f"  rounds sshd/baseline       : {' '.join(f'{r / b:.2f}' for r, b in zip(ref_times, base_times, strict=True))}")
     finally:
         for proc in procs:
             proc.terminate()

@@ -110,6 +110,12 @@ HTML = b"<html><body><script>document.location='https://evil.example/'</script><
 _IEND = b"\0\0\0\0IEND\xaeB`\x82"
 
 
+def _refusals_by_drop(relay, count: int) -> dict[str, tuple[str, str]]:
+    """Once ``count`` refusals are in rejected/: each drop's name with its code and message."""
+    wait_for(lambda: len(relay.rejected()) >= count, what=f"{count} refusals")
+    return {r["drop"]: (r["code"], r["message"]) for r in relay.rejected()}
+
+
 def test_an_image_with_a_second_file_after_its_end_is_refused(relay):
     # A zip or a web page after the image's end rides along unseen by Pillow: a polyglot file. A PNG that
     # repeats its last chunk after the payload ends as a PNG should, and its first end is still the real one.
@@ -117,9 +123,7 @@ def test_an_image_with_a_second_file_after_its_end_is_refused(relay):
     drop(relay, numero, "recu", attachments={"photo.jpg": _jpeg() + _zip_with("run.exe", b"MZ" * 64)}, name="jpeg-zip.xml")
     drop(relay, numero, "recu", attachments={"scan.jpg": _jpeg() + HTML}, name="jpeg-html.xml")
     drop(relay, numero, "recu", attachments={"scan.png": png_bytes() + HTML + _IEND}, name="png-html.xml")
-    wait_for(lambda: len(relay.rejected()) >= 3, what="3 refusals")
-    by_drop = {r["drop"]: (r["code"], r["message"]) for r in relay.rejected()}
-    assert by_drop == {
+    assert _refusals_by_drop(relay, 3) == {
         "jpeg-zip.xml": ("attachment_type", "'photo.jpg' has data after the end of its JPEG image."),
         "jpeg-html.xml": ("attachment_type", "'scan.jpg' has data after the end of its JPEG image."),
         "png-html.xml": ("attachment_type", "'scan.png' has data after the end of its PNG image."),
@@ -164,9 +168,7 @@ def test_pdf_attachments_with_script_links_or_embedded_files_are_refused(relay):
     drop(relay, numero, "recu", attachments={"lien.pdf": URI_JS_PDF}, name="uri.xml")
     drop(relay, numero, "recu", attachments={"facture.pdf": EXE_PDF}, name="embedded.xml")
     drop(relay, numero, "recu", attachments={"ouvre.pdf": GOTOE_PDF}, name="gotoe.xml")
-    wait_for(lambda: len(relay.rejected()) >= 3, what="3 refusals")
-    by_drop = {r["drop"]: (r["code"], r["message"]) for r in relay.rejected()}
-    assert by_drop == {
+    assert _refusals_by_drop(relay, 3) == {
         "uri.xml": ("attachment_active_content", "'lien.pdf' carries a javascript: link."),
         "embedded.xml": ("attachment_active_content", "'facture.pdf' carries /EmbeddedFiles."),
         "gotoe.xml": ("attachment_active_content", "'ouvre.pdf' carries /GoToE."),
